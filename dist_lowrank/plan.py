@@ -1,0 +1,41 @@
+"""The plan: what strategies produce, what the coordinator agrees on, what backends execute.
+
+Strategies never import backends and backends never import strategies; both import this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A change of layer ranks decided at optimizer step `step`.
+
+    kind: "switch" (dense -> factorized), "grow" (factor ranks grow; `capacities` may change),
+    or "fix" (InRank's efficient variant: ranks frozen from here on).
+    ranks: layer name -> new (active) rank. Layers absent from `ranks` are untouched.
+    capacities: layer name -> allocated rank (only for kinds that allocate more than they use).
+    reasons: layer name -> human-readable reason a candidate was kept dense or changed (logged).
+    """
+
+    kind: str
+    step: int
+    ranks: dict[str, int]
+    capacities: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, so equal plans give equal bytes on every rank."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data: dict[str, Any] = json.loads(text)
+        return cls(**data)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON; compared across ranks by the coordinator."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()

@@ -1,0 +1,34 @@
+"""What every backend offers the controller: shard views for the monitor, and plan execution."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_lowrank.plan import Plan
+
+
+class Backend(ABC):
+    """A data-parallel engine (DDP, FSDP2, DeepSpeed ZeRO-1/2/3, ...) that can change layer shapes.
+
+    After `execute(plan)` the attributes `model` and `optimizer` refer to the *new* objects; the old
+    engine, its hooks and the old parameters are released.
+    """
+
+    name: str = "base"
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @abstractmethod
+    def shard_views(self, names: list[str]) -> list[Any]:
+        """For each targeted layer name, a `monitor.ShardView` of the piece of its weight this rank holds."""
+
+    @abstractmethod
+    def execute(self, plan: Plan) -> dict[str, Any]:
+        """Carry out `plan` on every rank (collective); returns measurements (time, peak memory, bytes)."""
+
+    def unwrapped_model(self) -> nn.Module:
+        """The user's module without wrappers (names as the user wrote them)."""
+        return self.model

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from dist_lowrank.errors import RemoteRankError
 from dist_lowrank.linalg import truncated_svd_factors
 
 
@@ -40,18 +41,29 @@ def factorize_spread(
     for index, name in enumerate(names):
         full = fetch_full_matrix(name)
         owner = owner_of(index, world)
+        failure: Optional[BaseException] = None
         if me == owner:
-            if full is None:
-                raise RuntimeError(f"{name}: the owner rank {owner} did not receive the full weight")
-            a, b = truncated_svd_factors(full.detach().to(torch.float32), ranks[name])
-            a, b = a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()
-            shape_msg = torch.tensor([a.shape[0], a.shape[1], b.shape[1]], dtype=torch.long, device=device)
+            try:
+                if full is None:
+                    raise RuntimeError(f"{name}: the owner rank {owner} did not receive the full weight")
+                a, b = truncated_svd_factors(full.detach().to(torch.float32), ranks[name])
+                a, b = a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()
+                shape_msg = torch.tensor([a.shape[0], a.shape[1], b.shape[1]], dtype=torch.long, device=device)
+            except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
+                failure = exc
+                shape_msg = torch.full((3,), -1, dtype=torch.long, device=device)
         else:
             shape_msg = torch.zeros(3, dtype=torch.long, device=device)
         del full
         if distributed:
             dist.broadcast(shape_msg, src=owner)
-            m, r, n = (int(v) for v in shape_msg.tolist())
+        m, r, n = (int(v) for v in shape_msg.tolist())
+        if m < 0:  # the owner failed: every rank stops here with the cause named
+            message = f"factorizing {name} failed on rank {owner}"
+            if failure is not None:
+                raise RemoteRankError(f"{message}: {type(failure).__name__}: {failure}") from failure
+            raise RemoteRankError(message + " (see that rank's log for the cause)")
+        if distributed:
             if me != owner:
                 a = torch.empty(m, r, dtype=dtype, device=device)
                 b = torch.empty(r, n, dtype=dtype, device=device)

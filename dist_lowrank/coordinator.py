@@ -1,0 +1,87 @@
+"""One decision for all ranks.
+
+Strategies run on values that are identical on every rank (rank 0's copy, broadcast), and the plan
+each rank derives is checked by comparing SHA-256 digests gathered from every rank. A mismatch raises
+`PlanMismatchError` on every rank in the same collective — nobody is left waiting in a later one.
+Local failures in a phase can be shared with `raise_if_any_failed`, so one rank's exception ends every
+rank with a named error instead of a hang.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dist_lowrank.device import comm_device
+from dist_lowrank.errors import PlanMismatchError, RemoteRankError
+from dist_lowrank.plan import Plan
+
+NO_PLAN = "no-plan"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Coordinator:
+    """Broadcast inputs, verify outputs: the same plan on every rank or the same error on every rank."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.group = group
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if _distributed() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if _distributed() else 1
+
+    def broadcast_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Rank 0's values for the same (sorted) keys on every rank; NaN survives as NaN."""
+        if not _distributed():
+            return dict(values)
+        names = sorted(values)
+        tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=comm_device())
+        dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return {n: float(v) for n, v in zip(names, tensor.cpu().tolist())}
+
+    def agree(self, plan: Optional[Plan]) -> Optional[Plan]:
+        """Return the plan if every rank holds the same one (or none); else PlanMismatchError everywhere."""
+        digest = plan.digest() if plan is not None else NO_PLAN
+        if not _distributed():
+            return plan
+        digests: list[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(digests, digest, group=self.group)
+        if len(set(digests)) != 1:
+            groups: dict[str, list[int]] = {}
+            for r, d in enumerate(digests):
+                groups.setdefault(str(d)[:12], []).append(r)
+            detail = "; ".join(f"ranks {rs} -> {d}" for d, rs in sorted(groups.items(), key=lambda kv: kv[1]))
+            raise PlanMismatchError(f"ranks disagree on the plan at step {plan.step if plan else '?'}: {detail}")
+        return plan
+
+    def raise_if_any_failed(self, error: Optional[BaseException], phase: str) -> None:
+        """Collective: if any rank passes an error, every rank raises a named error about it."""
+        if not _distributed():
+            if error is not None:
+                raise error
+            return
+        messages: list[Optional[str]] = [None] * self.world_size
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(messages, mine, group=self.group)
+        failed = {r: m for r, m in enumerate(messages) if m is not None}
+        if not failed:
+            return
+        if error is not None:
+            raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}") from error
+        raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}")
+
+    def all_true(self, flag: bool) -> bool:
+        """Collective AND (used for 'was this step finite on every rank')."""
+        if not _distributed():
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())

@@ -1,0 +1,1 @@
+"""Data that ships offline with packages (no download at run time; DESIGN.md §6)."""

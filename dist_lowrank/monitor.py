@@ -1,0 +1,203 @@
+"""Shard-aware stable-rank monitor: estimates from the pieces each rank already holds.
+
+- Sharded weights (FSDP2 row shards, ZeRO-3 flat partitions): ‖W‖_F² is a sum of local squares;
+  σ_max comes from a Krylov method whose matrix-vector products are computed on the local piece and
+  summed with one all-reduce of the concatenated m- (or n-) vectors of *all* layers per iteration.
+  Bytes per estimate are O(steps · Σ(m+n)), never O(Σ m·n): no rank gathers a weight.
+- Replicated weights (DDP, ZeRO-1/2): layers are spread over ranks (largest first, to the least
+  loaded rank); each owner computes its layers alone and one all-reduce shares the results.
+Every rank ends with the same numbers; the coordinator still broadcasts rank 0's copy before a
+strategy sees them, so decisions never depend on per-rank floating-point noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dist_lowrank.device import comm_device
+from dist_lowrank.linalg import SrankResult, sigma_max_batched, stable_rank
+from dist_lowrank.shard_view import ShardView
+
+_STATUS_CODES = {"ok": 0.0, "zero": 1.0, "nonfinite": 2.0}
+_CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _row_segments(offset: int, length: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Split a flat slice of a row-major (· × n) matrix into (row, col_start, flat_start, count) runs.
+
+    A run is a piece of one row; full rows in the middle are returned as one block run with
+    col_start = -1 and count = number of rows (handled with one matmul).
+    """
+    runs: list[tuple[int, int, int, int]] = []
+    pos, end, local = offset, offset + length, 0
+    if length == 0:
+        return runs
+    row, col = divmod(pos, n)
+    if col:
+        take = min(n - col, end - pos)
+        runs.append((row, col, local, take))
+        pos, local = pos + take, local + take
+    full_rows = (end - pos) // n
+    if full_rows:
+        runs.append((pos // n, -1, local, full_rows))
+        pos, local = pos + full_rows * n, local + full_rows * n
+    if pos < end:
+        runs.append((pos // n, 0, local, end - pos))
+    return runs
+
+
+class _LocalPiece:
+    """Products of a rank's piece with vectors, as zero-padded full-length partial results."""
+
+    def __init__(self, view: ShardView, dtype: torch.dtype) -> None:
+        self.m, self.n = view.dims
+        self.values = view.local_flat.detach().reshape(-1).to(dtype)
+        self.runs = _row_segments(view.flat_offset, self.values.numel(), self.n)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.m, dtype=v.dtype)
+        for row, col, start, count in self.runs:
+            if col < 0:
+                block = self.values[start: start + count * self.n].view(count, self.n)
+                out[row: row + count] += block @ v
+            else:
+                out[row] += self.values[start: start + count] @ v[col: col + count]
+        return out
+
+    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.n, dtype=u.dtype)
+        for row, col, start, count in self.runs:
+            if col < 0:
+                block = self.values[start: start + count * self.n].view(count, self.n)
+                out += block.T @ u[row: row + count]
+            else:
+                out[col: col + count] += self.values[start: start + count] * u[row]
+        return out
+
+
+@dataclass
+class MonitorStats:
+    """What the last estimate cost: collectives issued and payload bytes this rank sent into them."""
+
+    collectives: int = 0
+    bytes: int = 0
+
+
+class RankMonitor:
+    """Estimate stable ranks of many layers at once, identically on every rank."""
+
+    def __init__(self, method: str = "lanczos", steps: int = 20, group: Optional[dist.ProcessGroup] = None) -> None:
+        if method not in ("lanczos", "power", "exact"):
+            raise ValueError(f"monitor.method: got {method!r}; allowed: lanczos, power, exact")
+        self.method, self.steps, self.group = method, steps, group
+        self.stats = MonitorStats()
+
+    # -- collectives (counted) -------------------------------------------------------------------
+    def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if not _distributed():
+            return tensor
+        device = comm_device()
+        moved = tensor.to(device)
+        dist.all_reduce(moved, op=op or dist.ReduceOp.SUM, group=self.group)
+        self.stats.collectives += 1
+        self.stats.bytes += moved.numel() * moved.element_size()
+        return moved.to(tensor.device)
+
+    # -- public API -------------------------------------------------------------------------------
+    def estimate(self, views: list[ShardView]) -> dict[str, SrankResult]:
+        """Stable rank of every viewed layer; collective when a process group is initialized."""
+        self.stats = MonitorStats()
+        replicated = [v for v in views if v.replicated or not _distributed()]
+        sharded = [v for v in views if not (v.replicated or not _distributed())]
+        results: dict[str, SrankResult] = {}
+        results.update(self._estimate_replicated(replicated))
+        results.update(self._estimate_sharded(sharded))
+        return {v.name: results[v.name] for v in views}
+
+    def _estimate_replicated(self, views: list[ShardView]) -> dict[str, SrankResult]:
+        if not views:
+            return {}
+        world = dist.get_world_size(self.group) if _distributed() else 1
+        me = dist.get_rank(self.group) if _distributed() else 0
+        owners = spread_by_cost([v.dims[0] * v.dims[1] for v in views], world)
+        table = torch.zeros(len(views), 4, dtype=torch.float64)
+        for i, view in enumerate(views):
+            if owners[i] != me:
+                continue
+            matrix = view.local_flat.detach().reshape(view.dims)
+            res = stable_rank(matrix, method=self.method, steps=self.steps)
+            table[i] = torch.tensor([res.value, res.fro_sq, res.sigma_max, _STATUS_CODES[res.status]])
+        table = torch.nan_to_num(table, nan=0.0) if world > 1 else table
+        table = self._all_reduce(table)
+        return {v.name: _result_from_row(table[i]) for i, v in enumerate(views)}
+
+    def _estimate_sharded(self, views: list[ShardView]) -> dict[str, SrankResult]:
+        if not views:
+            return {}
+        dtype = torch.float64
+        pieces = [_LocalPiece(v, dtype) for v in views]
+        # One all-reduce: squared norms and non-finite counts of every layer.
+        local = torch.zeros(2 * len(views), dtype=dtype)
+        for i, piece in enumerate(pieces):
+            finite = bool(torch.isfinite(piece.values).all())
+            local[2 * i] = piece.values.square().sum() if finite else 0.0
+            local[2 * i + 1] = 0.0 if finite else 1.0
+        reduced = self._all_reduce(local)
+        fro = [float(reduced[2 * i]) for i in range(len(views))]
+        bad = [float(reduced[2 * i + 1]) > 0 for i in range(len(views))]
+        active = [i for i in range(len(views)) if not bad[i] and fro[i] > 0.0]
+        sigmas: dict[int, float] = {}
+        if active:
+            dims = [views[i].dims for i in active]
+
+            def apply_a(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+                parts = [pieces[i].matvec(v.to(dtype)) for i, v in zip(active, vs)]
+                return self._split(self._all_reduce(torch.cat(parts)), [d[0] for d in dims])
+
+            def apply_at(us: list[torch.Tensor]) -> list[torch.Tensor]:
+                parts = [pieces[i].rmatvec(u.to(dtype)) for i, u in zip(active, us)]
+                return self._split(self._all_reduce(torch.cat(parts)), [d[1] for d in dims])
+
+            method = "lanczos" if self.method == "exact" else self.method
+            values = sigma_max_batched(apply_a, apply_at, dims, method=method, steps=self.steps)
+            sigmas = dict(zip(active, values))
+        out: dict[str, SrankResult] = {}
+        for i, view in enumerate(views):
+            if bad[i]:
+                out[view.name] = SrankResult(math.nan, math.nan, math.nan, "nonfinite")
+            elif fro[i] == 0.0:
+                out[view.name] = SrankResult(0.0, 0.0, 0.0, "zero")
+            else:
+                s = sigmas[i]
+                out[view.name] = SrankResult(fro[i] / (s * s), fro[i], s, "ok")
+        return out
+
+    @staticmethod
+    def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        return list(torch.split(flat, sizes))
+
+
+def spread_by_cost(costs: list[int], world: int) -> list[int]:
+    """Owner rank per item: largest cost first, each to the least-loaded rank (ties → lowest rank)."""
+    load = [0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        target = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = target
+        load[target] += costs[i]
+    return owners
+
+
+def _result_from_row(row: torch.Tensor) -> SrankResult:
+    status = _CODE_STATUS[float(row[3])]
+    if status == "nonfinite":
+        return SrankResult(math.nan, math.nan, math.nan, status)
+    return SrankResult(float(row[0]), float(row[1]), float(row[2]), status)

@@ -29,6 +29,15 @@ class Backend(ABC):
     def execute(self, plan: Plan) -> dict[str, Any]:
         """Carry out `plan` on every rank (collective); returns measurements (time, peak memory, bytes)."""
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass the way this engine wants it (DeepSpeed overrides: engine.backward)."""
+        loss.backward()
+
+    def step(self) -> None:
+        """One optimizer step and gradient reset (DeepSpeed overrides: engine.step)."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def unwrapped_model(self) -> nn.Module:
         """The user's module without wrappers (names as the user wrote them)."""
         return self.model

@@ -1,0 +1,131 @@
+"""The loop glue: monitor → strategy → coordinator → backend, called once per optimizer step.
+
+The controller knows no engine internals (the backend does) and no decision rules (the strategy
+does). It owns the cadence, the finite-step filter, the layer-speed check at the switch, and the
+event log that telemetry and checkpoints read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Optional
+
+from dist_lowrank.backends.base import Backend
+from dist_lowrank.config import LowRankConfig
+from dist_lowrank.coordinator import Coordinator
+from dist_lowrank.device import default_device
+from dist_lowrank.monitor import RankMonitor
+from dist_lowrank.plan import Plan
+from dist_lowrank.profiling import keep_dense_where_not_faster, record_input_shapes
+from dist_lowrank.strategies import build_strategy
+from dist_lowrank.targeting import select_targets
+
+log = logging.getLogger("dist_lowrank")
+
+
+class LowRankController:
+    """Decides and carries out rank changes for one backend, identically on every rank."""
+
+    def __init__(self, backend: Backend, cfg: LowRankConfig, steps_per_epoch: Optional[int] = None,
+                 on_event: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
+        self.backend, self.cfg = backend, cfg
+        self.on_event = on_event or (lambda event: None)
+        model = backend.unwrapped_model()
+        self.modules = select_targets(model, cfg.target_modules, cfg.exclude_modules)
+        self.names = list(self.modules)
+        views = backend.shard_views(self.names)
+        self.dims = {v.name: tuple(v.dims) for v in views}
+        self.strategy = build_strategy(cfg, self.dims)
+        self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps)
+        self.coordinator = Coordinator()
+        self.cadence = self._cadence_steps(cfg, steps_per_epoch)
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        self.skipped_steps = 0
+        self.ranks: dict[str, int] = {}
+        self.events: list[dict[str, Any]] = []
+        self.last_estimate: dict[str, float] = {}
+
+    @staticmethod
+    def _cadence_steps(cfg: LowRankConfig, steps_per_epoch: Optional[int]) -> int:
+        if cfg.monitor.cadence_epochs is not None:
+            if not steps_per_epoch:
+                raise ValueError("lowrank.monitor.cadence_epochs needs the run's steps_per_epoch")
+            return max(1, round(cfg.monitor.cadence_epochs * steps_per_epoch))
+        return cfg.monitor.cadence_steps
+
+    @property
+    def active(self) -> bool:
+        """True while the strategy may still change ranks."""
+        return self.strategy is not None and not getattr(self.strategy, "done", False)
+
+    def record_shapes(self):
+        """Context manager: wrap one forward pass so the switch can time layers at real shapes."""
+        if not self.active or self.input_shapes:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        return record_input_shapes(self.backend.unwrapped_model(), self.names, self.input_shapes)
+
+    def estimate(self, step: int) -> dict[str, float]:
+        """Collective: stable rank of every target, rank 0's values on every rank."""
+        start = time.perf_counter()
+        results = self.monitor.estimate(self.backend.shard_views(self.names))
+        values = self.coordinator.broadcast_values({n: r.value for n, r in results.items()})
+        self.last_estimate = values
+        self._emit({"event": "estimate", "step": step, "sranks": values, "seconds": time.perf_counter() - start,
+                    "monitor_bytes": self.monitor.stats.bytes, "monitor_collectives": self.monitor.stats.collectives})
+        return values
+
+    def start(self) -> None:
+        """The init measurement (Cuttlefish's epoch −1): call once before the first training step."""
+        if self.active:
+            self.strategy.observe(0, self.estimate(0))
+
+    def after_step(self, step: int, loss: float) -> Optional[Plan]:
+        """Call after each optimizer step (all ranks). Returns the plan carried out, if any."""
+        if not self.active:
+            return None
+        finite = self.coordinator.all_true(loss is not None and math.isfinite(float(loss)))
+        if not finite:
+            self.skipped_steps += 1
+            self._emit({"event": "skipped_nonfinite", "step": step})
+            return None
+        if step % self.cadence:
+            return None
+        plan = self.coordinator.agree(self.strategy.observe(step, self.estimate(step)))
+        if plan is None:
+            return None
+        return self.execute(plan)
+
+    def execute(self, plan: Plan) -> Plan:
+        """Filter the plan by measured layer speed, then have the backend reshard (collective)."""
+        timing: dict[str, Any] = {}
+        if plan.kind == "switch" and self.cfg.switch.profile_layers and plan.ranks:
+            plan, timing = keep_dense_where_not_faster(
+                plan, self.modules, self.input_shapes, self.cfg.switch.profile_iters, self.cfg.switch.min_speedup,
+                default_device())
+            plan = self.coordinator.agree(plan)
+        for name, reason in sorted(plan.reasons.items()):
+            log.info("%s: %s", name, reason)
+        measurements = self.backend.execute(plan) if plan.ranks else {}
+        self.ranks.update(plan.ranks)
+        self.modules = {n: m for n, m in self.modules.items() if n not in plan.ranks}
+        self._emit({"event": plan.kind, "step": plan.step, "ranks": dict(plan.ranks), "reasons": dict(plan.reasons),
+                    "timing": timing, "measurements": measurements})
+        return plan
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.on_event(event)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to make the same decisions (strategy state, ranks, counters)."""
+        return {"strategy": self.strategy.state_dict() if self.strategy else None, "ranks": dict(self.ranks),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.strategy is not None and state.get("strategy") is not None:
+            self.strategy.load_state_dict(state["strategy"])
+        self.ranks = dict(state.get("ranks", {}))
+        self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,0 +1,1 @@
+"""`dist-lowrank train`: the reference training job (config, tasks, loop)."""

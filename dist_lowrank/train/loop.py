@@ -1,0 +1,165 @@
+"""The training loop of `dist-lowrank train`, the same for every backend.
+
+The loop owns data, loss, evaluation and logging; the backend owns backward/step and resharding;
+the controller decides when ranks change. Rank 0 writes the logs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_lowrank.backends.base import Backend
+from dist_lowrank.config import LowRankConfig, config_to_dict
+from dist_lowrank.controller import LowRankController
+from dist_lowrank.layers import frobenius_decay_
+from dist_lowrank.surgery import count_parameters
+from dist_lowrank.train.run_config import RunConfig
+from dist_lowrank.train.tasks import Task, build_task
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_backend(run: RunConfig, model: nn.Module, task: Task) -> Backend:
+    """The engine named in the run config, built around the task's model."""
+    def optimizer_factory(params):
+        return torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
+
+    if run.backend == "local":
+        from dist_lowrank.backends.local_backend import LocalBackend
+
+        return LocalBackend(model, optimizer_factory)
+    if run.backend == "ddp":
+        from dist_lowrank.backends.ddp_backend import DDPBackend
+
+        return DDPBackend(model, optimizer_factory)
+    raise NotImplementedError(f"run.backend: {run.backend!r} is not wired into `dist-lowrank train` yet")
+
+
+class RunLogger:
+    """JSON-lines log of metrics and controller events (rank 0 only), plus TensorBoard scalars."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir)
+        self.writer = None
+        if enabled:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path / "events.jsonl", "w")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.path / "tb"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record, default=float) + "\n")
+        self.file.flush()
+        if self.writer is None:
+            return
+        step = int(record.get("step", 0))
+        if record.get("event") == "train":
+            for key in ("loss", "step_time", "samples_per_sec", "params"):
+                if key in record:
+                    group = "perf" if key in ("step_time", "samples_per_sec") else "train"
+                    self.writer.add_scalar(f"{group}/{key}", record[key], step)
+        elif record.get("event") == "eval":
+            for key, value in record.items():
+                if key.startswith("val_"):
+                    self.writer.add_scalar(f"eval/{key}", value, step)
+        elif record.get("event") == "estimate":
+            for name, value in record["sranks"].items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(f"lowrank/srank/{name}", value, step)
+        elif record.get("event") in ("switch", "grow", "fix"):
+            for name, rank in record["ranks"].items():
+                self.writer.add_scalar(f"lowrank/rank/{name}", rank, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
+    """Train for run.steps optimizer steps; return (and on rank 0 write) the run summary."""
+    rank, world = _rank_world()
+    torch.manual_seed(run.seed)
+    task = build_task(run)
+    model = task.model_fn()
+    params_full = count_parameters(model)
+    backend = make_backend(run, model, task)
+    logger = RunLogger(run.out_dir, enabled=rank == 0)
+    logger.log({"event": "config", "run": vars(run), "lowrank": config_to_dict(lowrank), "world_size": world})
+    steps_per_epoch = max(1, task.samples_per_epoch // (run.batch_size * world))
+    controller: Optional[LowRankController] = None
+    if lowrank.strategy != "none":
+        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, on_event=logger.log)
+        controller.start()
+    batches = task.batches(rank, world)
+    show_bar = rank == 0 and sys.stderr.isatty() and not os.environ.get("CI")
+    from tqdm import tqdm
+
+    bar = tqdm(total=run.steps, disable=not show_bar, desc="train", dynamic_ncols=True)
+    wall_start = time.perf_counter()
+    evals: list[dict[str, Any]] = []
+    switch_step: Optional[int] = None
+    for step in range(1, run.steps + 1):
+        start = time.perf_counter()
+        batch = next(batches)
+        context = controller.record_shapes() if controller else nullcontext()
+        with context:
+            loss = task.loss_fn(backend.model, batch)
+        backend.backward(loss)
+        if controller and controller.ranks and lowrank.cuttlefish.frobenius_decay > 0:
+            frobenius_decay_(backend.unwrapped_model(), lowrank.cuttlefish.frobenius_decay)
+        backend.step()
+        loss_value = float(loss.detach())
+        step_time = time.perf_counter() - start
+        plan = controller.after_step(step, loss_value) if controller else None
+        if plan is not None and plan.kind == "switch":
+            switch_step = step
+            if rank == 0:
+                tqdm.write(f"[step {step}] switched {len(plan.ranks)} layers to low rank; "
+                           f"params {params_full:,} -> {count_parameters(backend.unwrapped_model()):,}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if step % run.log_every == 0 or step == run.steps:
+            logger.log({"event": "train", "step": step, "loss": loss_value, "step_time": step_time,
+                        "samples_per_sec": run.batch_size * world / step_time,
+                        "params": count_parameters(backend.unwrapped_model())})
+        if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
+            metrics = task.evaluate(backend.unwrapped_model())
+            evals.append({"step": step, **metrics})
+            logger.log({"event": "eval", "step": step, **metrics})
+            if rank == 0:
+                tqdm.write(f"[step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    bar.close()
+    summary = {
+        "task": run.task, "backend": run.backend, "world_size": world, "strategy": lowrank.strategy,
+        "steps": run.steps, "wall_seconds": time.perf_counter() - wall_start, "switch_step": switch_step,
+        "params_full": params_full, "params_final": count_parameters(backend.unwrapped_model()),
+        "ranks": dict(controller.ranks) if controller else {}, "final_eval": evals[-1] if evals else {},
+        "skipped_nonfinite_steps": controller.skipped_steps if controller else 0,
+    }
+    logger.log({"event": "summary", **summary})
+    logger.close()
+    if rank == 0:
+        Path(run.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

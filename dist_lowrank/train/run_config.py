@@ -1,0 +1,34 @@
+"""The run section of a training config: what to train, on which backend, for how long.
+
+A training YAML has two sections: `run` (this schema) and `lowrank` (dist_lowrank.config).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class RunConfig:
+    """Training-job settings (the plugin's own settings live in the `lowrank` section)."""
+
+    task: Literal["fmnist_cnn", "shakespeare_gpt"] = _help("model + data: VGG-style CNN on Fashion-MNIST, or GPT on Shakespeare", default="fmnist_cnn")
+    backend: Literal["local", "ddp", "fsdp2", "deepspeed"] = _help("local = one process, no wrapper", default="local")
+    zero_stage: int = _help("DeepSpeed ZeRO stage (1, 2 or 3)", default=2)
+    world_size: int = _help("processes to start when not launched by torchrun/deepspeed/mpirun/SLURM", default=1)
+    steps: int = _help("optimizer steps", default=600)
+    batch_size: int = _help("samples per rank per step", default=64)
+    lr: float = _help("AdamW learning rate", default=1e-3)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    eval_every: int = _help("evaluate every N steps (0 = only at the end)", default=200)
+    eval_samples: int = _help("validation samples per evaluation (0 = whole split)", default=0)
+    seed: int = _help("seed for model init and data order", default=0)
+    out_dir: str = _help("where logs, TensorBoard events and the report go", default="runs/demo")
+    log_every: int = _help("print/log every N steps", default=20)
+    width: int = _help("CNN base width (channels of the first conv)", default=32)
+    hidden: int = _help("CNN classifier hidden size", default=256)
+    limit_train: Optional[int] = _help("use only the first N training samples (tests)", default=None)

@@ -1,0 +1,80 @@
+"""Model + data + loss for each reference task, independent of the backend that trains it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_lowrank.train.run_config import RunConfig
+
+
+@dataclass
+class Task:
+    """What the loop needs: a model factory, per-rank batches, a loss, and a validation metric."""
+
+    name: str
+    model_fn: Callable[[], nn.Module]
+    batches: Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (rank, world) -> iterator
+    loss_fn: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    samples_per_epoch: int
+    tokens_per_sample: int = 1
+
+
+def _classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def fmnist_cnn(run: RunConfig) -> Task:
+    """VGG-style CNN on Fashion-MNIST: train split for training, the real test split for validation."""
+    from dist_lowrank.data.fashion_mnist import load_fashion_mnist
+    from dist_lowrank.models.cnn import VGGSmall
+
+    train_x, train_y = load_fashion_mnist("train")
+    if run.limit_train:
+        train_x, train_y = train_x[: run.limit_train], train_y[: run.limit_train]
+    test_x, test_y = load_fashion_mnist("test")
+    if run.eval_samples:
+        test_x, test_y = test_x[: run.eval_samples], test_y[: run.eval_samples]
+
+    def batches(rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each epoch a seeded permutation, identical on every rank; rank r takes its own slice."""
+        epoch, n, b = 0, train_x.shape[0], run.batch_size
+        while True:
+            gen = torch.Generator().manual_seed(run.seed * 100003 + epoch)
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n - b * world + 1, b * world):
+                idx = order[start + rank * b: start + (rank + 1) * b]
+                yield train_x[idx], train_y[idx]
+            epoch += 1
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        correct, total, loss_sum = 0, 0, 0.0
+        for start in range(0, test_x.shape[0], 1000):
+            logits = model(test_x[start: start + 1000])
+            target = test_y[start: start + 1000]
+            loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(1) == target).sum())
+            total += target.numel()
+        model.train(was_training)
+        return {"val_loss": loss_sum / total, "val_acc": correct / total}
+
+    return Task("fmnist_cnn", lambda: VGGSmall(run.width, run.hidden), batches, _classification_loss, evaluate,
+                samples_per_epoch=train_x.shape[0])
+
+
+def build_task(run: RunConfig) -> Task:
+    """The task named in the run config."""
+    builders = {"fmnist_cnn": fmnist_cnn}
+    if run.task not in builders:
+        from dist_lowrank.errors import ConfigError
+
+        raise ConfigError(f"run.task: {run.task!r} is not available yet; allowed: {sorted(builders)}")
+    return builders[run.task](run)

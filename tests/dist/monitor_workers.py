@@ -1,0 +1,110 @@
+"""Worker functions (module level, picklable) for the monitor and coordinator tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SHAPES = [(96, 64), (64, 96), (7, 33), (128, 128)]
+
+
+def make_matrices(seed: int = 0) -> list[torch.Tensor]:
+    """Identical on every process: random, low-rank + noise, and a decaying spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    mats = [torch.randn(*SHAPES[0], generator=gen)]
+    a, b = torch.randn(SHAPES[1][0], 5, generator=gen), torch.randn(5, SHAPES[1][1], generator=gen)
+    mats.append(a @ b + 0.01 * torch.randn(*SHAPES[1], generator=gen))
+    mats.append(torch.randn(*SHAPES[2], generator=gen))
+    q1, _ = torch.linalg.qr(torch.randn(128, 128, generator=gen))
+    q2, _ = torch.linalg.qr(torch.randn(128, 128, generator=gen))
+    mats.append(q1 @ torch.diag(torch.logspace(0, -3, 128)) @ q2)
+    return mats
+
+
+def views_for(layout: str, rank: int, world: int, mats: list[torch.Tensor]):
+    """ShardViews of each matrix in the given layout, as a backend would produce them."""
+    from dist_lowrank.shard_view import ShardView
+
+    views = []
+    for i, w in enumerate(mats):
+        m, n = w.shape
+        flat = w.reshape(-1)
+        if layout == "replicated":
+            views.append(ShardView(f"l{i}", (m, n), 0, flat, replicated=True))
+        elif layout == "rows":  # FSDP2 Shard(0): ceil-sized row chunks, the last may be short or empty
+            per = math.ceil(m / world)
+            r0, r1 = min(m, rank * per), min(m, (rank + 1) * per)
+            views.append(ShardView(f"l{i}", (m, n), r0 * n, flat[r0 * n: r1 * n]))
+        elif layout == "flat":  # ZeRO-3: equal flat partitions, padding removed
+            per = math.ceil(m * n / world)
+            s0, s1 = min(m * n, rank * per), min(m * n, (rank + 1) * per)
+            views.append(ShardView(f"l{i}", (m, n), s0, flat[s0:s1]))
+    return views
+
+
+def estimate_worker(rank: int, world: int, layout: str, method: str, steps: int):
+    from dist_lowrank.monitor import RankMonitor
+
+    monitor = RankMonitor(method, steps)
+    res = monitor.estimate(views_for(layout, rank, world, make_matrices()))
+    return {n: (r.value, r.status) for n, r in res.items()}, monitor.stats.bytes, monitor.stats.collectives
+
+
+def degenerate_worker(rank: int, world: int):
+    """Zero, NaN-on-one-rank's-shard and Inf layers under row sharding: named, identical results."""
+    from dist_lowrank.monitor import RankMonitor
+    from dist_lowrank.shard_view import ShardView
+
+    zero = torch.zeros(8, 6)
+    nan = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    nan[7, 5] = float("nan")  # lives on the last rank's rows only
+    good = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    views = []
+    for name, w in (("zero", zero), ("nan", nan), ("good", good)):
+        r0, r1 = rank * 4, rank * 4 + 4
+        views.append(ShardView(name, (8, 6), r0 * 6, w.reshape(-1)[r0 * 6: r1 * 6]))
+    res = RankMonitor("lanczos", 20).estimate(views)
+    return {n: (r.value if r.status == "ok" else r.status, r.status) for n, r in res.items()}
+
+
+def agree_worker(rank: int, world: int, disagree: bool):
+    """Each rank derives a plan; with disagree=True rank 1's differs. Returns the plan or the error."""
+    from dist_lowrank.coordinator import Coordinator
+    from dist_lowrank.errors import PlanMismatchError
+    from dist_lowrank.plan import Plan
+
+    ranks = {"a": 4, "b": 8}
+    if disagree and rank == 1:
+        ranks = {"a": 4, "b": 9}
+    try:
+        plan = Coordinator().agree(Plan("switch", 10, ranks))
+        return ("ok", plan.to_json())
+    except PlanMismatchError as exc:
+        return ("PlanMismatchError", str(exc))
+
+
+def near_threshold_worker(rank: int, world: int):
+    """A stable rank exactly at a decision threshold, one rank's copy perturbed by 1e-7.
+
+    The strategy sees rank 0's broadcast values on every rank, so the decision is identical.
+    """
+    from dist_lowrank.coordinator import Coordinator
+
+    value = 4.0 + (1e-7 if rank == 1 else 0.0)
+    shared = Coordinator().broadcast_values({"layer": value})
+    decision = "switch" if shared["layer"] <= 4.0 else "wait"  # a threshold rule at exactly 4.0
+    plan_hash = Coordinator().agree(None)
+    return decision, shared["layer"], plan_hash
+
+
+def failure_worker(rank: int, world: int):
+    """Rank 1 fails inside a phase; every rank must raise RemoteRankError naming rank 1."""
+    from dist_lowrank.coordinator import Coordinator
+    from dist_lowrank.errors import RemoteRankError
+
+    error = ValueError("injected factorization failure") if rank == 1 else None
+    try:
+        Coordinator().raise_if_any_failed(error, "switch")
+        return ("ok", "")
+    except RemoteRankError as exc:
+        return ("RemoteRankError", str(exc))

@@ -1,0 +1,73 @@
+"""Shard-aware monitor and coordinator on 2 real gloo ranks, against single-process exact values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.dist.monitor_workers import (SHAPES, agree_worker, degenerate_worker, estimate_worker, failure_worker,
+                                        make_matrices, near_threshold_worker)
+from tests.dist_harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
+
+
+def exact_sranks() -> dict[str, float]:
+    out = {}
+    for i, w in enumerate(make_matrices()):
+        s = torch.linalg.svdvals(w.double())
+        out[f"l{i}"] = float((s ** 2).sum() / s[0] ** 2)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["rows", "flat", "replicated"])
+def test_sharded_estimates_match_exact_and_agree(layout):
+    reference = exact_sranks()
+    results = run_ranks(estimate_worker, args=(layout, "lanczos", 20), timeout=120)
+    (r0, bytes0, _), (r1, _, _) = results
+    assert r0 == r1, "ranks must hold identical estimates"
+    for name, exact in reference.items():
+        value, status = r0[name]
+        assert status == "ok"
+        assert abs(value - exact) / exact < 0.01, (name, value, exact)
+    if layout != "replicated":
+        # O(Σ(m+n)) bytes: one norm all-reduce + per Lanczos step one m- and one n-vector all-reduce (fp64).
+        expected = 8 * (2 * len(SHAPES) + 20 * sum(m + n for m, n in SHAPES))
+        assert bytes0 == expected
+        assert bytes0 < 8 * sum(m * n for m, n in SHAPES)  # far below gathering the weights
+    else:
+        assert bytes0 == 8 * 4 * len(SHAPES)  # one shared result table
+
+
+def test_degenerate_layers_named_and_identical():
+    r0, r1 = run_ranks(degenerate_worker, timeout=120)
+    assert r0 == r1
+    assert r0["zero"] == ("zero", "zero")
+    assert r0["nan"] == ("nonfinite", "nonfinite")
+    good = torch.randn(8, 6, generator=torch.Generator().manual_seed(2)).double()
+    s = torch.linalg.svdvals(good)
+    assert abs(r0["good"][0] - float((s ** 2).sum() / s[0] ** 2)) < 1e-6
+
+
+def test_plans_agree():
+    results = run_ranks(agree_worker, args=(False,), timeout=60)
+    assert results[0] == results[1] and results[0][0] == "ok"
+
+
+def test_injected_disagreement_raises_named_error_on_every_rank():
+    results = run_ranks(agree_worker, args=(True,), timeout=60)
+    assert [r[0] for r in results] == ["PlanMismatchError", "PlanMismatchError"]
+    assert "ranks [0]" in results[0][1] and "ranks [1]" in results[0][1]
+
+
+def test_near_threshold_values_give_one_decision():
+    results = run_ranks(near_threshold_worker, timeout=60)
+    assert results[0] == results[1]
+    assert results[0][0] == "switch" and results[0][1] == 4.0
+
+
+def test_failure_on_one_rank_ends_every_rank_named():
+    results = run_ranks(failure_worker, timeout=60)
+    assert [r[0] for r in results] == ["RemoteRankError", "RemoteRankError"]
+    assert all("rank(s) [1]" in r[1] and "injected factorization failure" in r[1] for r in results)

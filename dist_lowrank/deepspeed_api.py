@@ -1,0 +1,112 @@
+"""The one call a DeepSpeed user changes: `dist_lowrank.deepspeed_api.initialize` for `deepspeed.initialize`.
+
+    engine, optimizer, _, scheduler = dist_lowrank.deepspeed_api.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-4), config="ds_config.json")
+    for batch in data:
+        loss = engine(batch)            # unchanged
+        engine.backward(loss)           # unchanged
+        engine.step()                   # unchanged; the switch happens in here when it is due
+        engine.save_checkpoint(dir)     # unchanged
+
+The ds_config carries a `"lowrank"` section (validated strictly; DeepSpeed itself ignores it). The
+returned engine is a thin proxy: when the plan changes layer shapes the DeepSpeed engine underneath
+is rebuilt, and the proxy forwards every call to the current one. Hold on to the proxy, not to
+`engine.module` or `engine.optimizer` across a switch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from dist_lowrank.config import LowRankConfig, from_ds_config
+
+
+def _optimizer_factory(optimizer: Any) -> Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]:
+    """Rebuild recipe for the client optimizer: a factory is used as is; an instance is re-created
+    with its class and defaults (its state is transplanted by the backend, not recreated)."""
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cls, defaults = type(optimizer), dict(optimizer.defaults)
+        return lambda params: cls(params, **defaults)
+    if callable(optimizer):
+        return optimizer
+    raise TypeError("optimizer: expected a torch.optim.Optimizer, a callable params -> optimizer, or None")
+
+
+class LowRankDeepSpeedEngine:
+    """Forwards to the current DeepSpeed engine and runs the controller at each optimizer step."""
+
+    def __init__(self, backend: Any, controller: Any) -> None:
+        self._backend = backend
+        self._controller = controller
+        self._last_loss: float = float("nan")
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine currently underneath (changes at a switch)."""
+        return self._backend.engine
+
+    @property
+    def controller(self):
+        return self._controller
+
+    def __call__(self, *args, **kwargs):
+        context = self._controller.record_shapes() if self._controller else None
+        if context is None:
+            return self.engine(*args, **kwargs)
+        with context:
+            return self.engine(*args, **kwargs)
+
+    forward = __call__
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs):
+        self._last_loss = float(loss.detach().float())
+        return self.engine.backward(loss, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        engine = self.engine
+        boundary = engine.is_gradient_accumulation_boundary()
+        skipped_before = getattr(engine, "skipped_steps", 0)
+        result = engine.step(*args, **kwargs)
+        if boundary and self._controller is not None:
+            overflow = getattr(engine, "skipped_steps", 0) != skipped_before
+            loss = float("nan") if overflow else self._last_loss
+            self._controller.after_step(int(engine.global_steps), loss if math.isfinite(loss) else float("nan"))
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend.engine, name)
+
+
+def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict, None] = None,
+               lr_scheduler: Any = None, model_fn: Optional[Callable[[], nn.Module]] = None,
+               steps_per_epoch: Optional[int] = None, **kwargs: Any):
+    """Drop-in for `deepspeed.initialize`: same return tuple (engine, optimizer, dataloader, scheduler).
+
+    `optimizer` may be a torch optimizer instance (re-created with the same class and defaults at a
+    switch, state transplanted) or a callable `params -> optimizer`. `lr_scheduler` may be a callable
+    `optimizer -> scheduler` (re-bound to the new optimizer at a switch, position kept).
+    """
+    from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
+    from dist_lowrank.controller import LowRankController
+
+    if isinstance(config, str):
+        with open(config) as fh:
+            config = json.load(fh)
+    config = dict(config or {})
+    lowrank: LowRankConfig = from_ds_config(config)
+    ds_config = {k: v for k, v in config.items() if k != "lowrank"}
+    backend = DeepSpeedBackend(model, ds_config, _optimizer_factory(optimizer),
+                               scheduler_factory=lr_scheduler if callable(lr_scheduler) else None,
+                               model_fn=model_fn, **kwargs)
+    controller = None
+    if lowrank.strategy != "none":
+        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch)
+        controller.start()
+    engine = LowRankDeepSpeedEngine(backend, controller)
+    return engine, engine.engine.optimizer, getattr(backend, "dataloader", None), engine.engine.lr_scheduler

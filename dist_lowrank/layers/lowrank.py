@@ -1,0 +1,133 @@
+"""Factorized Linear and Conv2d: W ≈ U·V as two smaller layers applied in sequence.
+
+Linear: `first` = Linear(in → r, no bias), `second` = Linear(r → out, bias).
+Conv2d: `first` = k×k conv c_in → r (stride/padding/dilation of the original), `second` = 1×1 conv
+r → c_out (bias). Factors come from the truncated SVD (spectral init) or are given precomputed, so
+a backend can compute them once on one rank and broadcast them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dist_lowrank.layers.shapes import is_hf_conv1d, matrix_dims, weight_matrix
+from dist_lowrank.linalg import truncated_svd_factors
+
+
+class LowRankLinear(nn.Module):
+    """y = second(first(x)) with first: in → rank (no bias), second: rank → out."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank: got {rank}; allowed: 1..{min(in_features, out_features)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_factors(cls, dense: nn.Module, a: torch.Tensor, b: torch.Tensor) -> "LowRankLinear":
+        """W ≈ a @ b with a (out × r), b (r × in); bias copied from `dense` (Linear or HF Conv1D)."""
+        out_f, in_f = matrix_dims(dense)
+        bias = getattr(dense, "bias", None)
+        layer = cls(in_f, out_f, a.shape[1], bias=bias is not None, device=a.device, dtype=a.dtype)
+        with torch.no_grad():
+            layer.first.weight.copy_(b)
+            layer.second.weight.copy_(a)
+            if bias is not None:
+                layer.second.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, rank: int) -> "LowRankLinear":
+        """Spectral init: truncated SVD of the dense weight at `rank`."""
+        a, b = truncated_svd_factors(weight_matrix(dense).detach(), rank)
+        return cls.from_factors(dense, a, b)
+
+    def to_dense(self) -> nn.Linear:
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.second.bias is not None,
+                          device=self.first.weight.device, dtype=self.first.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.second.weight @ self.first.weight)
+            if self.second.bias is not None:
+                dense.bias.copy_(self.second.bias)
+        return dense
+
+
+class LowRankConv2d(nn.Module):
+    """k×k conv c_in → r, then 1×1 conv r → c_out (Cuttlefish's factorized convolution)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError(f"LowRankConv2d: groups={conv.groups} is not supported (only groups=1)")
+        m, n = matrix_dims(conv)
+        if not 1 <= rank <= min(m, n):
+            raise ValueError(f"rank: got {rank}; allowed: 1..{min(m, n)}")
+        w = conv.weight
+        kwargs = dict(device=w.device, dtype=w.dtype)
+        self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                               bias=False, padding_mode=conv.padding_mode, **kwargs)
+        self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None, **kwargs)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> "LowRankConv2d":
+        """W (c_out × c_in·k·k) ≈ a @ b; b reshaped into the k×k conv, a into the 1×1 conv."""
+        layer = cls(conv, a.shape[1])
+        with torch.no_grad():
+            layer.first.weight.copy_(b.reshape(layer.first.weight.shape))
+            layer.second.weight.copy_(a.reshape(layer.second.weight.shape))
+            if conv.bias is not None:
+                layer.second.bias.copy_(conv.bias.detach())
+        return layer
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int) -> "LowRankConv2d":
+        a, b = truncated_svd_factors(weight_matrix(conv).detach(), rank)
+        return cls.from_factors(conv, a, b)
+
+    def to_dense(self) -> nn.Conv2d:
+        f, s = self.first, self.second
+        dense = nn.Conv2d(f.in_channels, s.out_channels, f.kernel_size, f.stride, f.padding, f.dilation,
+                          bias=s.bias is not None, padding_mode=f.padding_mode,
+                          device=f.weight.device, dtype=f.weight.dtype)
+        with torch.no_grad():
+            w = s.weight.reshape(s.out_channels, -1) @ f.weight.reshape(f.out_channels, -1)
+            dense.weight.copy_(w.reshape(dense.weight.shape))
+            if s.bias is not None:
+                dense.bias.copy_(s.bias)
+        return dense
+
+
+def build_factorized(dense: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    """The factorized replacement of a Linear / Conv2d / HF Conv1D from precomputed factors."""
+    if isinstance(dense, nn.Conv2d):
+        return LowRankConv2d.from_factors(dense, a, b)
+    if isinstance(dense, nn.Linear) or is_hf_conv1d(dense):
+        return LowRankLinear.from_factors(dense, a, b)
+    raise TypeError(f"cannot factorize {type(dense).__name__}")
+
+
+def empty_factorized(dense: nn.Module, rank: int, device=None, dtype=None) -> nn.Module:
+    """A factorized module of the right shapes with uninitialized values (meta-device rebuilds)."""
+    if isinstance(dense, nn.Conv2d):
+        return LowRankConv2d(dense, rank)
+    out_f, in_f = matrix_dims(dense)
+    return LowRankLinear(in_f, out_f, rank, bias=getattr(dense, "bias", None) is not None, device=device, dtype=dtype)

@@ -1,0 +1,118 @@
+"""Cuttlefish: switch to factorized layers once every layer's stable rank has stopped moving.
+
+Per layer, the srank history is smoothed by an EMA (α = 2/(w+1), e_0 = x_0), differentiated
+(|e_t − e_{t−1}|), and the mean of the last k differences is compared with a threshold; once below,
+the layer is stable for good. Relaxation (reference behaviour: the bar gets easier as fewer layers
+remain unstable): threshold_eff = threshold · min(4, n_layers / max(1, n_unstable)), which grows
+monotonically as layers become stable. Ranks: scaled rule r = ceil(ξ·srank_t) with
+ξ = min(m,n)/srank(W_0) measured at init, or raw r = ceil(srank_t); capped at min(m,n), floored at
+max(min_rank, ceil(floor_fraction·min(m,n))); layers where r gives no parameter saving stay dense.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from dist_lowrank.config import CuttlefishConfig
+from dist_lowrank.layers import saves_parameters
+from dist_lowrank.plan import Plan
+from dist_lowrank.strategies.base import NonFiniteFilter, Strategy
+
+RELAX_CAP = 4.0
+
+
+def ema(values: list[float], window: int) -> list[float]:
+    """Exponential moving average with α = 2/(window+1), e_0 = x_0 (pandas adjust=False)."""
+    alpha = 2.0 / (window + 1)
+    out: list[float] = []
+    for x in values:
+        out.append(x if not out else alpha * x + (1 - alpha) * out[-1])
+    return out
+
+
+def stability_score(history: list[float], window: int, last_k: int) -> Optional[float]:
+    """Mean |Δ EMA| over the last k steps; None until k differences exist."""
+    smoothed = ema(history, window)
+    diffs = [abs(b - a) for a, b in zip(smoothed, smoothed[1:])]
+    if len(diffs) < last_k:
+        return None
+    tail = diffs[-last_k:]
+    return sum(tail) / len(tail)
+
+
+class CuttlefishStrategy(Strategy):
+    """Emits exactly one Plan(kind="switch"), then is done."""
+
+    def __init__(self, cfg: CuttlefishConfig, dims: dict[str, tuple[int, int]], min_rank: int = 1) -> None:
+        self.cfg, self.dims, self.min_rank = cfg, dict(dims), min_rank
+        self.xi: dict[str, float] = {}
+        self.history: dict[str, list[float]] = {n: [] for n in dims}
+        self.stable: dict[str, bool] = {n: False for n in dims}
+        self.initialized = False
+        self.done = False
+        self._filter = NonFiniteFilter()
+
+    def threshold(self) -> float:
+        """The (possibly relaxed) threshold for the current number of unstable layers."""
+        if not self.cfg.relax_threshold:
+            return self.cfg.threshold
+        unstable = sum(1 for s in self.stable.values() if not s)
+        return self.cfg.threshold * min(RELAX_CAP, len(self.stable) / max(1, unstable))
+
+    def observe(self, step: int, sranks: dict[str, float]) -> Optional[Plan]:
+        if self.done:
+            return None
+        values = self._filter(sranks)
+        if not self.initialized:
+            for name, (m, n) in self.dims.items():
+                s0 = values.get(name, 0.0)
+                self.xi[name] = min(m, n) / s0 if s0 > 0 else 1.0
+            self.initialized = True
+            return None
+        for name, value in values.items():
+            if name in self.history:
+                self.history[name].append(value)
+        bar = self.threshold()
+        for name, hist in self.history.items():
+            if not self.stable[name]:
+                score = stability_score(hist, self.cfg.ema_window, self.cfg.last_k)
+                self.stable[name] = score is not None and score < bar
+        forced = self.cfg.max_switch_step is not None and step >= self.cfg.max_switch_step
+        if not forced and (step < self.cfg.min_switch_step or not all(self.stable.values())):
+            return None
+        self.done = True
+        return self._plan(step, forced and not all(self.stable.values()))
+
+    def choose_rank(self, name: str, srank: float) -> int:
+        m, n = self.dims[name]
+        full = min(m, n)
+        scaled = self.xi.get(name, 1.0) * srank if self.cfg.rank_rule == "scaled" else srank
+        floor = max(self.min_rank, math.ceil(self.cfg.floor_fraction * full))
+        return max(1, min(full, max(floor, math.ceil(scaled))))
+
+    def _plan(self, step: int, forced: bool) -> Plan:
+        ranks, reasons = {}, {}
+        for name in sorted(self.dims):
+            hist = self.history[name]
+            if not hist:
+                reasons[name] = "kept dense: no finite stable-rank observation"
+                continue
+            m, n = self.dims[name]
+            rank = self.choose_rank(name, hist[-1])
+            if not saves_parameters(m, n, rank):
+                reasons[name] = f"kept dense: rank {rank} saves no parameters for {m}x{n}"
+                continue
+            ranks[name] = rank
+            why = "forced at max_switch_step" if forced else "stable"
+            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule, srank {hist[-1]:.3f}, {why})"
+        return Plan("switch", step, ranks, reasons=reasons)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"xi": dict(self.xi), "history": {k: list(v) for k, v in self.history.items()},
+                "stable": dict(self.stable), "initialized": self.initialized, "done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.xi = {k: float(v) for k, v in state["xi"].items()}
+        self.history = {k: [float(x) for x in v] for k, v in state["history"].items()}
+        self.stable = {k: bool(v) for k, v in state["stable"].items()}
+        self.initialized, self.done = bool(state["initialized"]), bool(state["done"])

@@ -1,0 +1,86 @@
+"""InRank growth rule: grow a layer's rank while its update's spectrum says more is needed.
+
+Every `gap` steps after `warmup`, new rank = first k in [r, r + buffer) with explained ratio
+g(k) > τ (see linalg.explained), never below r, capped where factorizing stops saving parameters.
+Capacity (what is physically allocated) grows geometrically — ×growth_factor, rounded up to a
+multiple — so resharding happens O(log r) times per layer, not at every growth.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from dist_lowrank.config import InRankConfig
+from dist_lowrank.layers import max_saving_rank
+from dist_lowrank.linalg import explained_variance_rank
+from dist_lowrank.plan import Plan
+from dist_lowrank.strategies.base import Strategy
+
+
+def round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def next_capacity(capacity: int, needed: int, factor: float, multiple: int, cap: int) -> int:
+    """Capacity that holds `needed`: unchanged if it fits, else max(needed, ⌈capacity·factor⌉) rounded up."""
+    if needed <= capacity:
+        return capacity
+    grown = round_up(max(needed, math.ceil(capacity * factor)), multiple)
+    return max(needed, min(grown, cap))
+
+
+class InRankGrowthRule(Strategy):
+    """Decides growth from singular values of each layer's low-rank part (computed by the caller)."""
+
+    def __init__(self, cfg: InRankConfig, dims: dict[str, tuple[int, int]]) -> None:
+        self.cfg, self.dims = cfg, dict(dims)
+        self.done = False
+        self.decisions: list[dict[str, Any]] = []
+
+    def cap(self, name: str) -> int:
+        m, n = self.dims[name]
+        return max(1, max_saving_rank(m, n))
+
+    def initial_capacity(self, name: str) -> int:
+        return min(self.cap(name), round_up(self.cfg.init_rank, self.cfg.capacity_multiple))
+
+    def is_check_step(self, step: int) -> bool:
+        return step >= self.cfg.warmup and (step - self.cfg.warmup) % self.cfg.gap == 0
+
+    def observe(self, step: int, sranks: dict[str, float]) -> Optional[Plan]:
+        """InRank does not use stable ranks; the controller calls `decide` with singular values."""
+        return None
+
+    def decide(self, step: int, svals: dict[str, torch.Tensor], ranks: dict[str, int],
+               capacities: dict[str, int]) -> Optional[Plan]:
+        if self.done:
+            return None
+        if self.cfg.fix_after is not None and step >= self.cfg.fix_after:
+            self.done = True
+            return Plan("fix", step, dict(ranks))
+        if not self.is_check_step(step):
+            return None
+        new_ranks, new_caps = {}, {}
+        for name in sorted(svals):
+            r = ranks[name]
+            k = explained_variance_rank(svals[name], self.cfg.tau, r, r + self.cfg.buffer)
+            k = min(max(k, r), self.cap(name))
+            if k > r:
+                new_ranks[name] = k
+                cap = next_capacity(capacities[name], k, self.cfg.growth_factor, self.cfg.capacity_multiple,
+                                    self.cap(name))
+                if cap != capacities[name]:
+                    new_caps[name] = cap
+        self.decisions.append({"step": step, "ranks": new_ranks, "capacities": new_caps})
+        if not new_ranks:
+            return None
+        return Plan("grow", step, new_ranks, capacities=new_caps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "decisions": list(self.decisions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = bool(state["done"])
+        self.decisions = list(state.get("decisions", []))

@@ -1,0 +1,43 @@
+"""`dist-lowrank train CONFIG [--override key=value ...]` (report and inspect come with telemetry)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dist_lowrank.errors import DistLowRankError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dist_lowrank.train.config_file import load_train_config
+    from dist_lowrank.train.launch_local import run_training
+
+    run, lowrank = load_train_config(args.config, args.override)
+    summary = run_training(run, lowrank)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dist-lowrank", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a reference task with a low-rank strategy")
+    train.add_argument("config", help="YAML/JSON file with `run` and `lowrank` sections")
+    train.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="dotted override, e.g. lowrank.strategy=none (repeatable)")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "train":
+            return _train(args)
+    except DistLowRankError as exc:
+        print(f"dist-lowrank: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

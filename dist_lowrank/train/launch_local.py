@@ -1,0 +1,61 @@
+"""Join the distributed job we are in, or start the local worker processes ourselves.
+
+Inside torchrun / the deepspeed launcher (RANK and WORLD_SIZE set) every process joins the job.
+Otherwise run.world_size processes are started here (gloo on CPU, nccl on GPUs), or, for
+world_size 1, the job runs in this process without a process group.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Optional
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_lowrank.config import LowRankConfig
+from dist_lowrank.device import default_dist_backend
+from dist_lowrank.train.run_config import RunConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _in_launched_job() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _worker(rank: int, world: int, port: int, run: RunConfig, lowrank: LowRankConfig) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    _train_in_group(run, lowrank)
+
+
+def _train_in_group(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
+    from dist_lowrank.train.loop import train
+
+    dist.init_process_group(default_dist_backend())
+    try:
+        return train(run, lowrank)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_training(run: RunConfig, lowrank: LowRankConfig) -> Optional[dict[str, Any]]:
+    """Run the job; returns the summary where this process can see it (rank 0 or single process)."""
+    from dist_lowrank.train.loop import train
+
+    if _in_launched_job():
+        summary = _train_in_group(run, lowrank)
+        return summary if int(os.environ["RANK"]) == 0 else None
+    if run.world_size == 1 and run.backend == "local":
+        return train(run, lowrank)
+    mp.spawn(_worker, args=(run.world_size, _free_port(), run, lowrank), nprocs=run.world_size, join=True)
+    import json
+    from pathlib import Path
+
+    summary_path = Path(run.out_dir) / "summary.json"
+    return json.loads(summary_path.read_text()) if summary_path.exists() else None

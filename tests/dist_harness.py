@@ -6,6 +6,7 @@ the same test; this module only starts the processes and brings their results (o
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -34,7 +35,8 @@ def _worker(fn: Callable, rank: int, world: int, port: int, env: dict, queue, ar
         if env.get("DIST_HARNESS_NO_INIT") != "1":
             dist.init_process_group("gloo", rank=rank, world_size=world)
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle (copies tensor data): torch's shared-memory handles die with the worker.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException as exc:  # noqa: BLE001 - report every failure, named, to the parent
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -82,8 +84,8 @@ def run_ranks(fn: Callable, world: int = 2, timeout: float = 120.0, args: tuple 
     if missing:
         raise TimeoutError(f"ranks {missing} did not finish within {timeout}s (hang or crash); got {results}")
     if expect_errors:
-        return [results[r] if results[r][0] == "error" else results[r][1] for r in range(world)]
+        return [results[r] if results[r][0] == "error" else pickle.loads(results[r][1]) for r in range(world)]
     errors = {r: payload for r, (status, payload) in results.items() if status == "error"}
     if errors:
         raise AssertionError("rank errors:\n" + "\n".join(f"[rank {r}] {m}" for r, m in sorted(errors.items())))
-    return [results[r][1] for r in range(world)]
+    return [pickle.loads(results[r][1]) for r in range(world)]

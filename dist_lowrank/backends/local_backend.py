@@ -1,33 +1,64 @@
-"""One process, no wrapper: the reference every distributed backend is compared with."""
+"""One process, no wrapper: the reference every distributed backend is compared with.
+
+Also the base of the DDP backend: with replicated weights a reshard is module surgery on every rank
+(factors computed once, by the layer's owner rank, and broadcast) plus a new optimizer that takes
+over the state of every untouched parameter.
+"""
 from __future__ import annotations
 
+import gc
+import resource
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
-from dist_lowrank.backends.optim_state import snapshot_state, transplant_state
 from dist_lowrank.backends.base import Backend
+from dist_lowrank.backends.optim_state import snapshot_state, transplant_state
+from dist_lowrank.device import comm_device
 from dist_lowrank.layers import weight_matrix
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread
 from dist_lowrank.shard_view import ShardView
 from dist_lowrank.surgery import apply_rank_plan, count_parameters
 
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
 
 class LocalBackend(Backend):
-    """Plain module + torch optimizer in a single process; reshards by module surgery."""
+    """Plain module + torch optimizer; reshards by module surgery on the (replicated) module."""
 
     name = "local"
 
-    def __init__(self, model: nn.Module, optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]):
-        self.model = model
-        self.optimizer_factory = optimizer_factory
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory,
+                 scheduler_factory: Optional[SchedulerFactory] = None) -> None:
+        self.module = model
+        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
         self.optimizer = optimizer_factory(model.parameters())
+        self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
+        self.model = self.wrap(model)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The object the training loop calls (DDP overrides this)."""
+        return module
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.module
+
+    def step(self) -> None:
+        super().step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def shard_views(self, names: list[str]) -> list[ShardView]:
-        modules = dict(self.model.named_modules())
+        modules = dict(self.module.named_modules())
         views = []
         for name in names:
             matrix = weight_matrix(modules[name]).detach()
@@ -35,19 +66,37 @@ class LocalBackend(Backend):
         return views
 
     def execute(self, plan: Plan) -> dict[str, Any]:
+        """Factorize plan.ranks (owner-rank SVDs, broadcast), rebuild wrapper and optimizer, keep state."""
         start = time.perf_counter()
-        params_before = count_parameters(self.model)
-        modules = dict(self.model.named_modules())
+        rss_before = peak_rss_mb()
+        params_before = count_parameters(self.module)
+        modules = dict(self.module.named_modules())
         names = sorted(plan.ranks)
+        first_weight = modules[names[0]].weight
         factors = factorize_spread(names, plan.ranks, lambda n: weight_matrix(modules[n]).detach(),
-                                   dtype=modules[names[0]].weight.dtype)
-        changed = {f"{n}.weight" for n in names} | {f"{n}.bias" for n in names}
-        untouched = {n: p for n, p in self.model.named_parameters() if n not in changed}
+                                   dtype=first_weight.dtype, device=comm_device())
+        factors = {n: (a.to(first_weight.device), b.to(first_weight.device)) for n, (a, b) in factors.items()}
+        changed = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+        untouched = {n: p for n, p in self.module.named_parameters() if n not in changed}
         snapshot = snapshot_state(self.optimizer, untouched)
-        report = apply_rank_plan(self.model, plan.ranks, factors)
-        self.optimizer = self.optimizer_factory(self.model.parameters())
-        named = dict(self.model.named_parameters())
-        new_names = [n for n in named if n not in untouched]
-        transplant_state(self.optimizer, named, snapshot, new_names)
+        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
+        self.release()
+        report = apply_rank_plan(self.module, plan.ranks, factors)
+        del modules, factors
+        self.optimizer = self.optimizer_factory(self.module.parameters())
+        named = dict(self.module.named_parameters())
+        transplant_state(self.optimizer, named, snapshot, [n for n in named if n not in untouched])
+        if self.scheduler_factory is not None:
+            self.scheduler = self.scheduler_factory(self.optimizer)
+            self.scheduler.load_state_dict(scheduler_state)
+        self.model = self.wrap(self.module)
+        gc.collect()
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
-                "params_after": report.params_after, "layers": len(names)}
+                "params_after": report.params_after, "layers": len(names),
+                "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before}
+
+    def release(self) -> None:
+        """Drop the wrapper and optimizer that reference the old parameters."""
+        self.model = None
+        self.optimizer = None
+        self.scheduler = None

@@ -1,0 +1,167 @@
+"""FSDP2 (`fully_shard`): reshard by rebuilding the sharded model with the new layer shapes.
+
+FSDP2 silently ignores a new nn.Parameter assigned after `fully_shard` (the next forward restores the
+old shard), so shapes change only through a rebuild: the user gives `model_fn` (how to build the
+model) and `parallelize_fn` (how to shard it, torchtitan style). At a switch:
+1. each targeted layer is gathered on its own (`full_tensor()`, every rank takes part), its owner rank
+   runs the SVD and the factors are broadcast (no rank ever holds more than one full layer);
+2. the new model is built on the meta device, factorized structurally, sharded by `parallelize_fn`,
+   then materialized (`to_empty`): untouched parameters copy their local shard from the old DTensor
+   (same mesh and placement ⇒ same shard), factors take their own chunk of the broadcast factors;
+3. a new optimizer takes over the state of every untouched parameter (local shards, bit for bit);
+   factors start with no state (zero moments, their own step count);
+4. the old model and optimizer are dropped.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from dist_lowrank.backends.base import Backend
+from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
+from dist_lowrank.backends.optim_state import snapshot_state, transplant_state
+from dist_lowrank.device import comm_device, default_device
+from dist_lowrank.layers import empty_factorized, is_hf_conv1d, matrix_dims
+from dist_lowrank.plan import Plan
+from dist_lowrank.reshard import factorize_spread
+from dist_lowrank.shard_view import ShardView
+from dist_lowrank.surgery import count_parameters, replace_module
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (collective for a DTensor: every rank must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class FSDP2Backend(Backend):
+    """A model sharded with `fully_shard` by the user's `parallelize_fn`."""
+
+    name = "fsdp2"
+
+    def __init__(self, model_fn: Callable[[], nn.Module], parallelize_fn: Callable[[nn.Module], nn.Module],
+                 optimizer_factory: OptimizerFactory, scheduler_factory: Optional[SchedulerFactory] = None,
+                 model: Optional[nn.Module] = None) -> None:
+        self.model_fn, self.parallelize_fn = model_fn, parallelize_fn
+        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        module = model if model is not None else model_fn()
+        self.model = parallelize_fn(module.to(default_device())) or module
+        self.optimizer = optimizer_factory(self.model.parameters())
+        self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
+        self.ranks: dict[str, int] = {}  # every factorization so far: replayed on the meta skeleton
+
+    def step(self) -> None:
+        super().step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def shard_views(self, names: list[str]) -> list[ShardView]:
+        """Row shards of each weight: Conv2d (c_out, ·) rows are matrix rows; HF Conv1D is given as its
+        stored (in × out) matrix — the transpose, with the same stable rank."""
+        modules = dict(self.model.named_modules())
+        views = []
+        for name in names:
+            weight = modules[name].weight
+            global_shape = tuple(weight.shape)
+            rows, cols = global_shape[0], int(torch.Size(global_shape[1:]).numel())
+            if isinstance(weight, DTensor):
+                _, offset = compute_local_shape_and_global_offset(global_shape, weight.device_mesh, weight.placements)
+                local = weight.to_local()
+                views.append(ShardView(name, (rows, cols), int(offset[0]) * cols, local.detach().reshape(-1)))
+            else:
+                views.append(ShardView(name, (rows, cols), 0, weight.detach().reshape(-1), replicated=True))
+        return views
+
+    def execute(self, plan: Plan) -> dict[str, Any]:
+        start, rss_before = time.perf_counter(), peak_rss_mb()
+        old = self.model
+        params_before = count_parameters(old)
+        modules = dict(old.named_modules())
+        names = sorted(plan.ranks)
+        biases: dict[str, Optional[torch.Tensor]] = {}
+
+        def fetch(name: str) -> torch.Tensor:
+            module = modules[name]
+            weight = _full(module.weight).detach()
+            bias = getattr(module, "bias", None)
+            biases[name] = None if bias is None else _full(bias).detach()
+            if is_hf_conv1d(module):
+                return weight.T
+            return weight.reshape(weight.shape[0], -1)
+
+        dtype = _local(modules[names[0]].weight).dtype
+        factors = factorize_spread(names, plan.ranks, fetch, dtype=dtype, device=comm_device())
+        self.ranks.update(plan.ranks)
+        new = self._build_skeleton()
+        self._materialize(new, old, factors, biases)
+        old_named = dict(old.named_parameters())
+        new_named = dict(new.named_parameters())
+        untouched = {n: p for n, p in old_named.items() if n in new_named}
+        snapshot = snapshot_state(self.optimizer, untouched)
+        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
+        self.model = self.optimizer = self.scheduler = None
+        del old, old_named, untouched, modules
+        self.model = new
+        self.optimizer = self.optimizer_factory(new.parameters())
+        transplant_state(self.optimizer, new_named, snapshot, [n for n in new_named if n not in snapshot])
+        if self.scheduler_factory is not None:
+            self.scheduler = self.scheduler_factory(self.optimizer)
+            self.scheduler.load_state_dict(scheduler_state)
+        gc.collect()
+        return {"seconds": time.perf_counter() - start, "params_before": params_before,
+                "params_after": count_parameters(new), "layers": len(names), "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_growth_mb": peak_rss_mb() - rss_before}
+
+    def _build_skeleton(self) -> nn.Module:
+        """model_fn on the meta device, every factorization so far applied, then sharded."""
+        with torch.device("meta"):
+            skeleton = self.model_fn()
+            meta_modules = dict(skeleton.named_modules())
+            for name in sorted(self.ranks):
+                dense = meta_modules[name]
+                replace_module(skeleton, name, empty_factorized(dense, self.ranks[name], device="meta",
+                                                                dtype=dense.weight.dtype))
+        return self.parallelize_fn(skeleton) or skeleton
+
+    @torch.no_grad()
+    def _materialize(self, new: nn.Module, old: nn.Module, factors: dict, biases: dict) -> None:
+        """Allocate the sharded skeleton and fill every local shard (no full model anywhere)."""
+        new.to_empty(device=default_device())
+        old_params = dict(old.named_parameters())
+        for name, param in new.named_parameters():
+            if name in old_params:
+                src, dst = _local(old_params[name]), _local(param)
+                if src.shape != dst.shape:
+                    raise RuntimeError(f"{name}: local shard {tuple(src.shape)} != rebuilt {tuple(dst.shape)}")
+                dst.copy_(src)
+                continue
+            layer, _, leaf = name.rpartition(".")
+            layer_name, _, part = layer.rpartition(".")
+            a, b = factors[layer_name]
+            if (part, leaf) == ("first", "weight"):
+                full = b.reshape(param.shape)
+            elif (part, leaf) == ("second", "weight"):
+                full = a.reshape(param.shape)
+            elif (part, leaf) == ("second", "bias"):
+                full = biases[layer_name].reshape(param.shape)
+            else:
+                raise RuntimeError(f"{name}: new parameter with no source")
+            full = full.to(device=_local(param).device, dtype=_local(param).dtype)
+            if isinstance(param, DTensor):
+                _local(param).copy_(distribute_tensor(full, param.device_mesh, param.placements,
+                                                      src_data_rank=None).to_local())
+            else:
+                param.copy_(full)
+        old_buffers = dict(old.named_buffers())
+        for name, buf in new.named_buffers():
+            if name in old_buffers:
+                buf.copy_(old_buffers[name])

@@ -1,0 +1,90 @@
+"""Shared model, data and single-process reference for the backend switch tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PLAN_RANKS = {"net.2": 6, "net.4": 5}
+UNTOUCHED = ["net.0.weight", "net.0.bias", "net.6.weight", "net.6.bias"]
+PRE_STEPS, POST_STEPS, GLOBAL_BATCH = 3, 5, 32
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 36),
+                                 nn.Tanh(), nn.Linear(36, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_model() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 12, generator=gen)
+    return x, (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()
+
+
+def local_batch(step: int, rank: int, world: int):
+    x, y = global_batch(step)
+    per = GLOBAL_BATCH // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def fixed_input() -> torch.Tensor:
+    return torch.randn(7, 12, generator=torch.Generator().manual_seed(7))
+
+
+def optimizer_factory(params):
+    return torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def reference_run():
+    """Single process, whole global batch: pre-steps, switch, post-steps. Returns what the tests compare."""
+    from dist_lowrank.backends.local_backend import LocalBackend
+    from dist_lowrank.plan import Plan
+
+    backend = LocalBackend(make_model(), optimizer_factory)
+    for step in range(PRE_STEPS):
+        backend.backward(loss_fn(backend.model, global_batch(step)))
+        backend.step()
+    full_before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
+    backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
+    with torch.no_grad():
+        out_after_switch = backend.model(fixed_input()).clone()
+    losses = []
+    for step in range(PRE_STEPS, PRE_STEPS + POST_STEPS):
+        loss = loss_fn(backend.model, global_batch(step))
+        losses.append(float(loss.detach()))
+        backend.backward(loss)
+        backend.step()
+    final = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
+    return {"full_before": full_before, "out_after_switch": out_after_switch, "losses": losses, "final": final}
+
+
+def factorized_reference_output(full_weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The gathered pre-switch weights, factorized in one process with apply_rank_plan."""
+    from dist_lowrank.surgery import apply_rank_plan
+
+    model = make_model()
+    model.load_state_dict(full_weights)
+    apply_rank_plan(model, dict(PLAN_RANKS))
+    with torch.no_grad():
+        return model(fixed_input())
+
+
+def state_copy(state: dict) -> dict:
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in state.items()}

@@ -1,0 +1,294 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3: change layer shapes by rebuilding the engine, keeping state.
+
+Neither DeepSpeed nor torch supports changing a parameter's shape in place, so a switch is:
+1. per targeted layer (one at a time, every rank taking part), the full fp32 master weight via
+   `safe_get_full_fp32_param`; the layer's owner rank runs the SVD and broadcasts the factors;
+2. a snapshot of every untouched parameter's fp32 master and Adam moments — ZeRO-3: this rank's own
+   partition (`safe_get_local_*`, no communication; partitions of an untouched parameter are the
+   same in the new engine), ZeRO-1/2: the full tensors (`safe_get_full_*`; the flat partitions are
+   laid out anew, so local fragments do not map) — plus the engine's step counters and scheduler;
+3. the old engine is destroyed (its ZeRO-3 hooks removed); factorized modules replace the layers in
+   the same module (ZeRO-3 converts the new parameters to partitioned ones like the others);
+4. a new `deepspeed.initialize` with a new client optimizer whose last param group holds the new
+   factors (ZeRO keeps one Adam step counter per flat group: a group of their own lets the factors
+   start at step 0 with zero moments, like torch's per-parameter Adam, while every other group keeps
+   its step); the snapshot is written back bit for bit.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_lowrank.backends.base import Backend
+from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
+from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
+from dist_lowrank.device import comm_device
+from dist_lowrank.layers import empty_factorized, is_hf_conv1d
+from dist_lowrank.plan import Plan
+from dist_lowrank.reshard import factorize_spread
+from dist_lowrank.shard_view import ShardView
+from dist_lowrank.surgery import count_parameters, replace_module
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+
+class DeepSpeedBackend(Backend):
+    """A DeepSpeed engine (ZeRO-0/1/2/3) that can be rebuilt with new layer shapes."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, config: dict, optimizer_factory: Optional[OptimizerFactory] = None,
+                 scheduler_factory: Optional[SchedulerFactory] = None, model_fn: Optional[Callable] = None,
+                 **initialize_kwargs: Any) -> None:
+        init_deepspeed_distributed()
+        self.config = dict(config)
+        self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
+        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        self.initialize_kwargs = initialize_kwargs
+        self.group_names: list[list[str]] = [[n for n, _ in model.named_parameters()]]
+        self.engine, self.dataloader = self._initialize(model, first=True)
+
+    # -- engine plumbing ---------------------------------------------------------------------------
+    def _initialize(self, module: nn.Module, first: bool = False):
+        import deepspeed
+
+        kwargs = dict(self.initialize_kwargs) if first else {
+            k: v for k, v in self.initialize_kwargs.items() if k not in ("training_data", "collate_fn")}
+        named = dict(module.named_parameters())
+        groups = [{"params": [named[n] for n in names]} for names in self.group_names]
+        optimizer = self.optimizer_factory(groups) if self.optimizer_factory else None
+        engine, _, dataloader, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.config,
+                                                        lr_scheduler=self.scheduler_factory, **kwargs)
+        return engine, dataloader
+
+    @property
+    def model(self):
+        return self.engine
+
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that holds the flat fp32 partitions' state."""
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)
+
+    # -- monitor -----------------------------------------------------------------------------------
+    def shard_views(self, names: list[str]) -> list[ShardView]:
+        """ZeRO-3: this rank's flat partition (padding removed); ZeRO-0/1/2: the replicated weight.
+        HF Conv1D is given as its stored (in × out) matrix (the transpose: same stable rank)."""
+        modules = dict(self.engine.module.named_modules())
+        views = []
+        for name in names:
+            weight = modules[name].weight
+            if hasattr(weight, "ds_tensor"):
+                shape = tuple(weight.ds_shape)
+                numel = int(weight.ds_numel)
+                part = weight.ds_tensor.numel()
+                start = min(numel, dist.get_rank() * part)
+                end = min(numel, start + part)
+                local = weight.ds_tensor.detach().reshape(-1)[: end - start]
+                views.append(ShardView(name, (shape[0], numel // shape[0]), start, local))
+            else:
+                w = weight.detach()
+                views.append(ShardView(name, (w.shape[0], w[0].numel()), 0, w.reshape(-1), replicated=True))
+        return views
+
+    # -- switch ------------------------------------------------------------------------------------
+    def execute(self, plan: Plan) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        start, rss_before = time.perf_counter(), peak_rss_mb()
+        module = self.engine.module
+        params_before = count_parameters(module)
+        modules = dict(module.named_modules())
+        names = sorted(plan.ranks)
+        biases: dict[str, Optional[torch.Tensor]] = {}
+
+        def fetch(name: str) -> torch.Tensor:
+            layer = modules[name]
+            weight = safe_get_full_fp32_param(layer.weight).detach().cpu()
+            bias = getattr(layer, "bias", None)
+            biases[name] = None if bias is None else safe_get_full_fp32_param(bias).detach().cpu()
+            return weight.T if is_hf_conv1d(layer) else weight.reshape(weight.shape[0], -1)
+
+        factors = factorize_spread(names, plan.ranks, fetch, dtype=torch.float32, device=comm_device())
+        changed = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+        untouched = {n: p for n, p in module.named_parameters() if n not in changed}
+        snapshot = self._snapshot(untouched)
+        counters = {c: getattr(self.engine, c) for c in COUNTERS if hasattr(self.engine, c)}
+        steps = self._group_steps()
+        scheduler_state = self.engine.lr_scheduler.state_dict() if self.engine.lr_scheduler is not None else None
+
+        self._release_engine()
+        for name in names:
+            dense = modules[name]
+            a, b = factors[name]
+            replace_module(module, name, self._factor_module(dense, a, b, biases[name]))
+        del modules, untouched
+        gc.collect()
+
+        kept = [([n for n in names_ if n not in changed], step) for names_, step in zip(self.group_names, steps)]
+        kept = [(g, s) for g, s in kept if g]
+        new_names = [n for n, _ in module.named_parameters() if not any(n in g for g, _ in kept)]
+        self.group_names = [g for g, _ in kept] + [new_names]
+        self.engine, _ = self._initialize(module)
+        for counter, value in counters.items():
+            setattr(self.engine, counter, value)
+        if scheduler_state is not None and self.engine.lr_scheduler is not None:
+            _continue_scheduler(self.engine.lr_scheduler, scheduler_state, len(self.group_names))
+        if steps[0] is not None:
+            self._create_optimizer_state([s for _, s in kept] + [torch.zeros_like(steps[0])])
+        new_named = dict(self.engine.module.named_parameters())
+        self._restore(new_named, snapshot)
+        self._write_factors(new_named, names, factors, biases)
+        gc.collect()
+        return {"seconds": time.perf_counter() - start, "params_before": params_before,
+                "params_after": count_parameters(self.engine.module), "layers": len(names),
+                "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before}
+
+    def _release_engine(self) -> None:
+        """Destroy the engine and remove the module hooks `destroy()` leaves behind (they would keep
+        the old engine, its optimizer and the old parameters alive, and run on the next forward)."""
+        engine, self.engine = self.engine, None
+        engine.destroy()
+        for attr in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+            handle = getattr(engine, attr, None)
+            if handle is not None:
+                handle.remove()
+                setattr(engine, attr, None)
+        # Under ZeRO-3 something outside Python's view can keep the destroyed engine object alive; empty
+        # it so that whatever still points at it holds no optimizer state, partitions or module.
+        zero = getattr(engine, "optimizer", None)
+        base = getattr(zero, "optimizer", None)
+        if isinstance(base, torch.optim.Optimizer):
+            base.state.clear()
+            base.param_groups.clear()
+        if zero is not None and hasattr(zero, "__dict__"):
+            zero.__dict__.clear()
+        engine.__dict__.clear()
+
+    @staticmethod
+    def _factor_module(dense: nn.Module, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+        """A factorized module built without reading the dense (possibly partitioned) parameters."""
+        dtype = dense.weight.dtype
+        device = dense.weight.device
+        new = empty_factorized(dense, a.shape[1], device=device, dtype=dtype).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            new.first.weight.copy_(b.reshape(new.first.weight.shape))
+            new.second.weight.copy_(a.reshape(new.second.weight.shape))
+            if bias is not None:
+                new.second.bias.copy_(bias)
+        return new
+
+    def _flat_partitions(self) -> list[tuple[int, torch.Tensor]]:
+        """(client param group index, flat fp32 partition) pairs whose state the torch optimizer holds.
+        ZeRO-3 keeps its sub-group partitions outside `param_groups` between steps."""
+        zero = self.engine.optimizer
+        if hasattr(zero, "fp32_partitioned_groups_flat"):
+            return [(zero.sub_group_to_group_id[i], flat) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+        return [(i, flat) for i, group in enumerate(self._base_optimizer().param_groups) for flat in group["params"]]
+
+    def _group_steps(self) -> list[Optional[torch.Tensor]]:
+        """Adam's step per client param group (None before the first optimizer step)."""
+        base = self._base_optimizer()
+        steps: list[Optional[torch.Tensor]] = [None] * len(base.param_groups)
+        for index, flat in self._flat_partitions():
+            if steps[index] is None and "step" in base.state.get(flat, {}):
+                raw = base.state[flat]["step"]
+                steps[index] = raw.clone() if isinstance(raw, torch.Tensor) else torch.tensor(float(raw))
+        return steps
+
+    def _snapshot(self, params: dict[str, nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                     safe_get_local_fp32_param, safe_get_local_optimizer_state)
+
+        has_state = self._group_steps()[0] is not None
+        out = {}
+        for name, param in params.items():
+            if self.stage == 3:
+                entry = {"fp32": safe_get_local_fp32_param(param).clone()}
+                if has_state:
+                    entry.update({k: safe_get_local_optimizer_state(param, k).clone() for k in MOMENTS})
+            else:
+                entry = {"fp32": safe_get_full_fp32_param(param).clone()}
+                if has_state:
+                    entry.update({k: safe_get_full_optimizer_state(param, k).clone() for k in MOMENTS})
+            out[name] = entry
+        return out
+
+    def _create_optimizer_state(self, steps: list[torch.Tensor]) -> None:
+        """Adam state for the new flat partitions (zero moments, each group's step), then the fragment
+        links (ZeRO-1/2 link optimizer-state fragments lazily, after the first step)."""
+        base = self._base_optimizer()
+        for index, flat in self._flat_partitions():
+            if not base.state.get(flat):
+                base.state[flat] = {"step": steps[index].clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
+
+    def _restore(self, params: dict[str, nn.Parameter], snapshot: dict[str, dict[str, torch.Tensor]]) -> None:
+        from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                                     safe_set_local_optimizer_state)
+
+        for name, entry in snapshot.items():
+            param = params[name]
+            if self.stage == 3:
+                safe_set_local_fp32_param(param, entry["fp32"])
+                for key in MOMENTS:
+                    if key in entry:
+                        safe_set_local_optimizer_state(param, entry[key], key)
+            else:
+                safe_set_full_fp32_param(param, entry["fp32"])
+                for key in MOMENTS:
+                    if key in entry:
+                        safe_set_full_optimizer_state(param, entry[key], key)
+
+    def _write_factors(self, params: dict[str, nn.Parameter], names: list[str], factors: dict, biases: dict) -> None:
+        """fp32 masters of the new factors from the fp32 factors (the module copy may be lower precision)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        for name in names:
+            a, b = factors[name]
+            values = {f"{name}.first.weight": b, f"{name}.second.weight": a}
+            if biases[name] is not None:
+                values[f"{name}.second.bias"] = biases[name]
+            for pname, value in values.items():
+                param = params[pname]
+                full = value.reshape(tuple(getattr(param, "ds_shape", param.shape))).float()
+                if self.stage == 3:
+                    part = param.ds_tensor.numel()
+                    flat = torch.zeros(part * dist.get_world_size(), dtype=torch.float32)
+                    flat[: full.numel()] = full.reshape(-1)
+                    rank = dist.get_rank()
+                    safe_set_local_fp32_param(param, flat[rank * part:(rank + 1) * part].to(param.ds_tensor.device))
+                else:
+                    safe_set_full_fp32_param(param, full.to(param.device))
+
+
+def _continue_scheduler(scheduler: Any, state: dict, n_groups: int) -> None:
+    """Load the old scheduler position into the new one; per-group lists (torch schedulers) are
+    extended to the new group count with the last group's value (all groups share hyperparameters)."""
+    state = dict(state)
+    for key in ("base_lrs", "_last_lr", "min_lrs"):
+        values = state.get(key)
+        if isinstance(values, list) and values and len(values) < n_groups:
+            state[key] = values + [values[-1]] * (n_groups - len(values))
+    scheduler.load_state_dict(state)

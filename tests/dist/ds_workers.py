@@ -1,0 +1,80 @@
+"""DeepSpeed ZeRO switch worker (module level for the spawn harness)."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+
+from tests.dist.switch_common import (GLOBAL_BATCH, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input,
+                                      local_batch, loss_fn, make_model, optimizer_factory)
+
+
+def ds_config(stage: int, world: int) -> dict:
+    return {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+            "gradient_accumulation_steps": 1, "zero_optimization": {
+                "stage": stage, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 10**6,
+                "allgather_bucket_size": 10**6},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _full_states(backend, names):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = dict(backend.engine.module.named_parameters())
+    return {n: {"fp32": safe_get_full_fp32_param(params[n]).clone(),
+                **{k: safe_get_full_optimizer_state(params[n], k).clone() for k in ("exp_avg", "exp_avg_sq")}}
+            for n in names}
+
+
+def _gathered(module):
+    import deepspeed
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def ds_switch_worker(rank: int, world: int, stage: int):
+    from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
+    from dist_lowrank.plan import Plan
+
+    backend = DeepSpeedBackend(make_model(), ds_config(stage, world), optimizer_factory)
+    for step in range(PRE_STEPS):
+        backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
+        backend.step()
+    views = [(v.name, v.dims, v.flat_offset, v.local_flat.clone(), v.replicated)
+             for v in backend.shard_views(sorted(PLAN_RANKS))]
+    full_before = _gathered(backend.engine.module)
+    state_before = _full_states(backend, UNTOUCHED)
+    old_ref = weakref.ref(dict(backend.engine.module.named_parameters())["net.2.weight"])
+    base = backend.engine.optimizer.optimizer
+    old_state_ref = weakref.ref(next(iter(base.state.values()))["exp_avg"])
+    old_engine_ref = weakref.ref(backend.engine)
+    del base
+    steps_before = backend.engine.global_steps
+    measurements = backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
+    gc.collect()
+    released = old_state_ref() is None and (stage == 3 or (old_ref() is None and old_engine_ref() is None))
+    state_after = _full_states(backend, UNTOUCHED)
+    names = [n for n, _ in backend.engine.module.named_parameters()]
+    factor_names = [n for n in names if n not in UNTOUCHED]
+    factor_moments_zero = all(float(v.abs().max()) == 0.0 for n, s in _full_states(backend, factor_names).items()
+                              for k, v in s.items() if k != "fp32")
+    partitioned = all(getattr(p, "ds_tensor", p).numel() < getattr(p, "ds_numel", 10**9)
+                      for p in backend.engine.module.parameters() if getattr(p, "ds_numel", 0) > 8) if stage == 3 else None
+    with torch.no_grad():
+        out = backend.model(fixed_input())
+    factors_before = {n: v for n, v in _gathered(backend.engine.module).items() if n in factor_names}
+    losses = []
+    for step in range(PRE_STEPS, PRE_STEPS + POST_STEPS):
+        loss = loss_fn(backend.model, local_batch(step, rank, world))
+        losses.append(float(loss.detach()))
+        backend.backward(loss)
+        backend.step()
+    final = _gathered(backend.engine.module)
+    factors_changed = all(not torch.equal(final[n], v) for n, v in factors_before.items())
+    return {"views": views, "full_before": full_before, "state_before": state_before, "state_after": state_after,
+            "factor_moments_zero": factor_moments_zero, "partitioned": partitioned, "out": out, "losses": losses,
+            "final": final, "released": released, "factors_changed": factors_changed,
+            "steps": (steps_before, backend.engine.global_steps), "measurements": measurements}

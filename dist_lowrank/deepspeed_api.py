@@ -15,6 +15,7 @@ is rebuilt, and the proxy forwards every call to the current one. Hold on to the
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from typing import Any, Callable, Iterable, Optional, Union
@@ -31,8 +32,17 @@ def _optimizer_factory(optimizer: Any) -> Optional[Callable[[Iterable[nn.Paramet
     if optimizer is None:
         return None
     if isinstance(optimizer, torch.optim.Optimizer):
-        cls, defaults = type(optimizer), dict(optimizer.defaults)
-        return lambda params: cls(params, **defaults)
+        cls = type(optimizer)
+        accepted = inspect.signature(cls.__init__).parameters
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        first = [optimizer]
+
+        def factory(params):
+            if first:  # the user's own instance (and its param groups) for the first engine
+                return first.pop()
+            return cls(params, **defaults)
+
+        return factory
     if callable(optimizer):
         return optimizer
     raise TypeError("optimizer: expected a torch.optim.Optimizer, a callable params -> optimizer, or None")

@@ -1,0 +1,33 @@
+"""Tiny shared pieces of the examples: sklearn's digits (ships with scikit-learn) and an MLP."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def digits(rank: int = 0, world: int = 1, batch: int = 32, seed: int = 0):
+    """Endless per-rank batches of the 8×8 digits (real data, offline); rank r takes its slice."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    epoch = 0
+    while True:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + epoch))
+        for start in range(0, len(x) - batch * world + 1, batch * world):
+            idx = order[start + rank * batch: start + (rank + 1) * batch]
+            yield x[idx], y[idx]
+        epoch += 1
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128),
+                         nn.ReLU(), nn.Linear(128, 10))
+
+
+LOWRANK = {"strategy": "cuttlefish", "target_modules": ["2", "4"],
+           "monitor": {"cadence_steps": 5}, "cuttlefish": {"ema_window": 3, "last_k": 3, "threshold": 0.5,
+                                                           "min_switch_step": 20, "max_switch_step": 40},
+           "switch": {"profile_layers": False}}

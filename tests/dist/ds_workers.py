@@ -45,6 +45,11 @@ def ds_switch_worker(rank: int, world: int, stage: int):
         backend.step()
     views = [(v.name, v.dims, v.flat_offset, v.local_flat.clone(), v.replicated)
              for v in backend.shard_views(sorted(PLAN_RANKS))]
+    from dist_lowrank.monitor import RankMonitor
+
+    monitor = RankMonitor("lanczos", 20)
+    estimates = {n: r.value for n, r in monitor.estimate(backend.shard_views(sorted(PLAN_RANKS))).items()}
+    monitor_bytes = monitor.stats.bytes
     full_before = _gathered(backend.engine.module)
     state_before = _full_states(backend, UNTOUCHED)
     old_ref = weakref.ref(dict(backend.engine.module.named_parameters())["net.2.weight"])
@@ -77,4 +82,5 @@ def ds_switch_worker(rank: int, world: int, stage: int):
     return {"views": views, "full_before": full_before, "state_before": state_before, "state_after": state_after,
             "factor_moments_zero": factor_moments_zero, "partitioned": partitioned, "out": out, "losses": losses,
             "final": final, "released": released, "factors_changed": factors_changed,
-            "steps": (steps_before, backend.engine.global_steps), "measurements": measurements}
+            "steps": (steps_before, backend.engine.global_steps), "measurements": measurements,
+            "estimates": estimates, "monitor_bytes": monitor_bytes}

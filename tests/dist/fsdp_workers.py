@@ -42,6 +42,11 @@ def fsdp2_switch_worker(rank: int, world: int):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
         backend.step()
     views = backend.shard_views(sorted(PLAN_RANKS))
+    from dist_lowrank.monitor import RankMonitor
+
+    monitor = RankMonitor("lanczos", 20)
+    estimates = {n: r.value for n, r in monitor.estimate(views).items()}
+    monitor_bytes = monitor.stats.bytes
     params = dict(backend.model.named_parameters())
     full_before = {n: p.full_tensor().detach().clone() for n, p in params.items()}
     state_before = _full_state(backend.optimizer, params, UNTOUCHED)
@@ -68,7 +73,8 @@ def fsdp2_switch_worker(rank: int, world: int):
     return {"views": [(v.name, v.dims, v.flat_offset, v.local_flat.clone()) for v in views],
             "full_before": full_before, "state_before": state_before, "state_after": state_after,
             "new_factor_state": new_factor_state, "out": out, "losses": losses, "final": final,
-            "released": released, "factors_changed": factors_changed, "all_dtensor": all_dtensor}
+            "released": released, "factors_changed": factors_changed, "all_dtensor": all_dtensor,
+            "estimates": estimates, "monitor_bytes": monitor_bytes}
 
 
 def fsdp2_uneven_views_worker(rank: int, world: int):

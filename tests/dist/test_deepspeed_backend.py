@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tests.dist.ds_workers import ds_switch_worker
-from tests.dist.switch_common import (POST_STEPS, PRE_STEPS, UNTOUCHED, factorized_reference_output,
-                                      reference_run)
+from tests.dist.switch_common import (POST_STEPS, PRE_STEPS, UNTOUCHED, assert_estimates,
+                                      factorized_reference_output, reference_run)
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
@@ -26,6 +26,7 @@ def test_deepspeed_switch_matches_reference_and_keeps_state(stage):
             assert torch.equal(torch.cat([p for _, p in pieces]), full)
     for name, tensor in r0["full_before"].items():
         assert torch.allclose(tensor, reference["full_before"][name], atol=1e-6), name
+    assert_estimates(ranks, r0["full_before"], sharded=stage == 3)
     expected_out = factorized_reference_output(r0["full_before"])
     for r in ranks:
         assert torch.allclose(r["out"], expected_out, atol=1e-5)

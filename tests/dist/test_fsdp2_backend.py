@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests.dist.fsdp_workers import fsdp2_switch_worker, fsdp2_uneven_views_worker
-from tests.dist.switch_common import UNTOUCHED, factorized_reference_output, reference_run
+from tests.dist.switch_common import UNTOUCHED, assert_estimates, factorized_reference_output, reference_run
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
@@ -23,6 +23,7 @@ def test_fsdp2_switch_matches_reference_and_keeps_state():
         assert torch.equal(flat, r0["full_before"][f"{name}.weight"].reshape(-1))
     for name, tensor in r0["full_before"].items():  # sharded training == one process on the global batch
         assert torch.allclose(tensor, reference["full_before"][name], atol=1e-6)
+    assert_estimates(ranks, r0["full_before"], sharded=True)
     expected_out = factorized_reference_output(r0["full_before"])
     for r in ranks:
         assert r["all_dtensor"], "new parameters must be sharded like the rest"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.dist.example_workers import ddp_example, deepspeed_example, fsdp2_example
+from tests.distributed.example_workers import ddp_example, deepspeed_example, fsdp2_example
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist.ds_workers import ds_switch_worker
-from tests.dist.switch_common import (POST_STEPS, PRE_STEPS, UNTOUCHED, assert_estimates,
+from tests.distributed.ds_workers import ds_switch_worker
+from tests.distributed.switch_common import (POST_STEPS, PRE_STEPS, UNTOUCHED, assert_estimates,
                                       factorized_reference_output, reference_run)
 from tests.dist_harness import run_ranks
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.dist.monitor_workers import (SHAPES, agree_worker, degenerate_worker, estimate_worker, failure_worker,
+from tests.distributed.monitor_workers import (SHAPES, agree_worker, degenerate_worker, estimate_worker, failure_worker,
                                         make_matrices, near_threshold_worker)
 from tests.dist_harness import run_ranks
 

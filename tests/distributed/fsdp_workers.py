@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from tests.dist.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
+from tests.distributed.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
                                       loss_fn, make_model, optimizer_factory)
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.dist.fsdp_workers import fsdp2_switch_worker, fsdp2_uneven_views_worker
-from tests.dist.switch_common import UNTOUCHED, assert_estimates, factorized_reference_output, reference_run
+from tests.distributed.fsdp_workers import fsdp2_switch_worker, fsdp2_uneven_views_worker
+from tests.distributed.switch_common import UNTOUCHED, assert_estimates, factorized_reference_output, reference_run
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]

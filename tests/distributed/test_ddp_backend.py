@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist.ddp_workers import ddp_switch_worker
-from tests.dist.switch_common import PLAN_RANKS, UNTOUCHED, factorized_reference_output, reference_run
+from tests.distributed.ddp_workers import ddp_switch_worker
+from tests.distributed.switch_common import PLAN_RANKS, UNTOUCHED, factorized_reference_output, reference_run
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]

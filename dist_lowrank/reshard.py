@@ -1,8 +1,10 @@
 """Backend-neutral pieces of a reshard: factors computed once per layer, spread over ranks.
 
-Each layer is gathered on its own (all ranks take part: a rank-0-only gather hangs), one rank — its
-owner — runs the SVD, and the factors are broadcast. So no rank holds more than one full layer beyond
-its shards, and the SVD work is spread instead of repeated on every rank.
+Layers are taken in rounds of `world_size`: in a round every rank takes part in gathering each layer
+(a rank-0-only gather hangs) but keeps only the one it owns, then all owners run their SVDs at the
+same time, then each owner broadcasts its factors. So no rank holds more than one full layer beyond
+its shards (plus the one being gathered), and the SVD work runs in parallel instead of being repeated.
+A failure on an owner is broadcast as a sentinel, so every rank stops with a named error.
 """
 from __future__ import annotations
 
@@ -30,44 +32,68 @@ def factorize_spread(
     """Return {name: (A, B)} with W ≈ A @ B (A = U√Σ, B = √ΣVᵀ) on every rank.
 
     `fetch_full_matrix(name)` is collective (every rank calls it, in `names` order) and returns the
-    full (m × n) matrix on at least the owner rank (other ranks may get None). Works without an
-    initialized process group (single process: everything is local).
+    full (m × n) matrix on at least the owner rank. `device` is where collectives run (cuda for nccl).
+    Works without an initialized process group (single process: everything is local).
     """
     device = device or torch.device("cpu")
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     me = dist.get_rank() if distributed else 0
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for index, name in enumerate(names):
-        full = fetch_full_matrix(name)
-        owner = owner_of(index, world)
-        failure: Optional[BaseException] = None
-        if me == owner:
-            try:
-                if full is None:
-                    raise RuntimeError(f"{name}: the owner rank {owner} did not receive the full weight")
-                a, b = truncated_svd_factors(full.detach().to(torch.float32), ranks[name])
-                a, b = a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()
-                shape_msg = torch.tensor([a.shape[0], a.shape[1], b.shape[1]], dtype=torch.long, device=device)
-            except Exception as exc:  # noqa: BLE001 - shared with every rank below, then raised
-                failure = exc
-                shape_msg = torch.full((3,), -1, dtype=torch.long, device=device)
-        else:
-            shape_msg = torch.zeros(3, dtype=torch.long, device=device)
-        del full
-        if distributed:
-            dist.broadcast(shape_msg, src=owner)
-        m, r, n = (int(v) for v in shape_msg.tolist())
-        if m < 0:  # the owner failed: every rank stops here with the cause named
-            message = f"factorizing {name} failed on rank {owner}"
-            if failure is not None:
-                raise RemoteRankError(f"{message}: {type(failure).__name__}: {failure}") from failure
-            raise RemoteRankError(message + " (see that rank's log for the cause)")
-        if distributed:
-            if me != owner:
-                a = torch.empty(m, r, dtype=dtype, device=device)
-                b = torch.empty(r, n, dtype=dtype, device=device)
-            dist.broadcast(a, src=owner)
-            dist.broadcast(b, src=owner)
-        out[name] = (a, b)
+    for start in range(0, len(names), world):
+        round_names = names[start:start + world]
+        mine: Optional[tuple[str, Optional[torch.Tensor]]] = None
+        for offset, name in enumerate(round_names):
+            full = fetch_full_matrix(name)
+            if owner_of(start + offset, world) == me:
+                mine = (name, None if full is None else full.detach())
+            del full
+        factors, failure = _factorize_own(mine, ranks, dtype, device)
+        for offset, name in enumerate(round_names):
+            owner = owner_of(start + offset, world)
+            out[name] = _share(name, owner, me, factors if owner == me else None, failure if owner == me else None,
+                               dtype, device, distributed)
     return out
+
+
+def _factorize_own(mine, ranks, dtype, device):
+    """This rank's SVD for the round (if it owns a layer); an exception is returned, not raised."""
+    if mine is None:
+        return None, None
+    name, full = mine
+    try:
+        if full is None:
+            raise RuntimeError(f"{name}: the owner rank did not receive the full weight")
+        a, b = truncated_svd_factors(full.to(torch.float32), ranks[name])
+        return (a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()), None
+    except Exception as exc:  # noqa: BLE001 - shared with every rank by _share, then raised
+        return None, exc
+
+
+def _share(name, owner, me, factors, failure, dtype, device, distributed):
+    """Broadcast one layer's factors from its owner (shape first, -1 = the owner failed)."""
+    if me == owner:
+        if factors is None:
+            shape = torch.full((3,), -1, dtype=torch.long, device=device)
+        else:
+            a, b = factors
+            shape = torch.tensor([a.shape[0], a.shape[1], b.shape[1]], dtype=torch.long, device=device)
+    else:
+        shape = torch.zeros(3, dtype=torch.long, device=device)
+    if distributed:
+        dist.broadcast(shape, src=owner)
+    m, r, n = (int(v) for v in shape.tolist())
+    if m < 0:
+        message = f"factorizing {name} failed on rank {owner}"
+        if failure is not None:
+            raise RemoteRankError(f"{message}: {type(failure).__name__}: {failure}") from failure
+        raise RemoteRankError(message + " (see that rank's log for the cause)")
+    if me == owner:
+        a, b = factors
+    else:
+        a = torch.empty(m, r, dtype=dtype, device=device)
+        b = torch.empty(r, n, dtype=dtype, device=device)
+    if distributed:
+        dist.broadcast(a, src=owner)
+        dist.broadcast(b, src=owner)
+    return a, b

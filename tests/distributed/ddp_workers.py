@@ -7,14 +7,14 @@ import weakref
 import torch
 
 from tests.distributed.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
-                                      loss_fn, make_model, optimizer_factory, state_copy)
+                                      loss_fn, make_model, optimizer_factory, scheduler_factory, state_copy)
 
 
 def ddp_switch_worker(rank: int, world: int):
     from dist_lowrank.backends.ddp_backend import DDPBackend
     from dist_lowrank.plan import Plan
 
-    backend = DDPBackend(make_model(), optimizer_factory)
+    backend = DDPBackend(make_model(), optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
         backend.step()

@@ -7,7 +7,7 @@ import weakref
 import torch
 
 from tests.distributed.switch_common import (GLOBAL_BATCH, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input,
-                                      local_batch, loss_fn, make_model, optimizer_factory)
+                                      local_batch, loss_fn, make_model, optimizer_factory, scheduler_factory)
 
 
 def ds_config(stage: int, world: int) -> dict:
@@ -39,7 +39,7 @@ def ds_switch_worker(rank: int, world: int, stage: int):
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
     from dist_lowrank.plan import Plan
 
-    backend = DeepSpeedBackend(make_model(), ds_config(stage, world), optimizer_factory)
+    backend = DeepSpeedBackend(make_model(), ds_config(stage, world), optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
         backend.step()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.distributed.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
-                                      loss_fn, make_model, optimizer_factory)
+                                      loss_fn, make_model, optimizer_factory, scheduler_factory)
 
 
 def parallelize(model: nn.Module) -> nn.Module:
@@ -37,7 +37,7 @@ def fsdp2_switch_worker(rank: int, world: int):
     from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
     from dist_lowrank.plan import Plan
 
-    backend = FSDP2Backend(make_model, parallelize, optimizer_factory)
+    backend = FSDP2Backend(make_model, parallelize, optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
         backend.step()

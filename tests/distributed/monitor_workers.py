@@ -108,3 +108,20 @@ def failure_worker(rank: int, world: int):
         return ("ok", "")
     except RemoteRankError as exc:
         return ("RemoteRankError", str(exc))
+
+
+def profiling_worker(rank: int, world: int):
+    """Keep-dense decisions from timings: each rank times on its own, the decision must be shared."""
+    import torch
+    from torch import nn
+
+    from dist_lowrank.plan import Plan
+    from dist_lowrank.profiling import keep_dense_where_not_faster
+
+    torch.manual_seed(0)
+    modules = {"a": nn.Linear(256, 256), "b": nn.Linear(64, 64), "c": nn.Conv2d(16, 32, 3, padding=1)}
+    shapes = {"a": (32, 256), "b": (32, 64), "c": (4, 16, 12, 12)}
+    plan = Plan("switch", 5, {"a": 32, "b": 30, "c": 8})
+    filtered, table = keep_dense_where_not_faster(plan, modules, shapes, iters=3, min_speedup=1.0,
+                                                  device=torch.device("cpu"))
+    return filtered.to_json(), table

@@ -47,6 +47,15 @@ def optimizer_factory(params):
     return torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01)
 
 
+def scheduler_factory(optimizer):
+    """Decaying LR: its position must survive the rebuild (checked through the final weights)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_decay)
+
+
+def lr_decay(step: int) -> float:
+    return 0.8 ** step
+
+
 def loss_fn(model, batch):
     x, y = batch
     return F.cross_entropy(model(x), y)
@@ -57,7 +66,7 @@ def reference_run():
     from dist_lowrank.backends.local_backend import LocalBackend
     from dist_lowrank.plan import Plan
 
-    backend = LocalBackend(make_model(), optimizer_factory)
+    backend = LocalBackend(make_model(), optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, global_batch(step)))
         backend.step()

@@ -71,3 +71,11 @@ def test_failure_on_one_rank_ends_every_rank_named():
     results = run_ranks(failure_worker, timeout=60)
     assert [r[0] for r in results] == ["RemoteRankError", "RemoteRankError"]
     assert all("rank(s) [1]" in r[1] and "injected factorization failure" in r[1] for r in results)
+
+
+def test_layer_timing_decisions_are_shared():
+    from tests.distributed.monitor_workers import profiling_worker
+
+    (plan0, table0), (plan1, table1) = run_ranks(profiling_worker, timeout=120)
+    assert plan0 == plan1 and table0 == table1  # times averaged over ranks: one decision
+    assert set(table0) == {"a", "b", "c"}

@@ -17,6 +17,22 @@ from dist_lowrank.errors import RemoteRankError
 from dist_lowrank.linalg import truncated_svd_factors
 
 
+def layer_fetcher(modules: dict, gather: Callable[[torch.Tensor], torch.Tensor],
+                  biases: dict[str, Optional[torch.Tensor]]) -> Callable[[str], torch.Tensor]:
+    """A `fetch_full_matrix` for factorize_spread: `gather` turns a (possibly sharded) parameter into
+    its full tensor (collective); the layer's full bias is kept in `biases` for the new module."""
+    from dist_lowrank.layers import is_hf_conv1d
+
+    def fetch(name: str) -> torch.Tensor:
+        layer = modules[name]
+        weight = gather(layer.weight).detach()
+        bias = getattr(layer, "bias", None)
+        biases[name] = None if bias is None else gather(bias).detach()
+        return weight.T if is_hf_conv1d(layer) else weight.reshape(weight.shape[0], -1)
+
+    return fetch
+
+
 def owner_of(index: int, world_size: int) -> int:
     """Round-robin owner of the index-th layer of a plan (plan order is sorted, identical on all ranks)."""
     return index % world_size

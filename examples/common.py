@@ -31,3 +31,24 @@ LOWRANK = {"strategy": "cuttlefish", "target_modules": ["2", "4"],
            "monitor": {"cadence_steps": 5}, "cuttlefish": {"ema_window": 3, "last_k": 3, "threshold": 0.5,
                                                            "min_switch_step": 20, "max_switch_step": 40},
            "switch": {"profile_layers": False}}
+
+
+def train(backend, controller, steps: int = 60, batch: int = 32) -> dict:
+    """The loop an FSDP2/DDP user writes: step the backend, then tell the controller (it may reshard,
+    so `backend.model` is read again every step)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = digits(rank, world, batch=batch)
+    losses = []
+    for step in range(1, steps + 1):
+        x, y = next(batches)
+        loss = F.cross_entropy(backend.model(x), y)
+        backend.backward(loss)
+        backend.step()
+        controller.after_step(step, float(loss.detach()))
+        losses.append(float(loss.detach()))
+    switch = [e for e in controller.events if e["event"] == "switch"]
+    return {"losses": losses, "switch_step": switch[0]["step"] if switch else None,
+            "ranks": switch[0]["ranks"] if switch else {}}

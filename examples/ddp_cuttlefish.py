@@ -4,32 +4,22 @@
 """
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
 import torch
-import torch.nn.functional as F
 
 from dist_lowrank import attach
 from dist_lowrank.backends.ddp_backend import DDPBackend
-from examples.common import LOWRANK, digits, mlp
+from examples.common import LOWRANK, mlp, train
 
 
 def main(steps: int = 60, lowrank: dict | None = None) -> dict:
-    import torch.distributed as dist
-
     backend = DDPBackend(mlp(), lambda params: torch.optim.AdamW(params, lr=2e-3))
-    controller = attach(backend, lowrank or LOWRANK)
-    batches = digits(dist.get_rank(), dist.get_world_size())
-    losses = []
-    for step in range(1, steps + 1):
-        x, y = next(batches)
-        loss = F.cross_entropy(backend.model(x), y)
-        backend.backward(loss)
-        backend.step()
-        controller.after_step(step, float(loss.detach()))
-        losses.append(float(loss.detach()))
-    switch = [e for e in controller.events if e["event"] == "switch"]
-    return {"losses": losses, "switch_step": switch[0]["step"] if switch else None,
-            "ranks": switch[0]["ranks"] if switch else {}}
-
+    controller = attach(backend, lowrank or LOWRANK)   # validates the config, measures srank at init
+    return train(backend, controller, steps)         # the loop: examples/common.py
 
 if __name__ == "__main__":
     import torch.distributed as dist

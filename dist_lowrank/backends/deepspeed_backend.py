@@ -28,9 +28,9 @@ from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
 from dist_lowrank.device import comm_device
-from dist_lowrank.layers import empty_factorized, is_hf_conv1d
+from dist_lowrank.layers import empty_factorized
 from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread
+from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView
 from dist_lowrank.surgery import count_parameters, replace_module
 
@@ -121,13 +121,7 @@ class DeepSpeedBackend(Backend):
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
 
-        def fetch(name: str) -> torch.Tensor:
-            layer = modules[name]
-            weight = safe_get_full_fp32_param(layer.weight).detach().cpu()
-            bias = getattr(layer, "bias", None)
-            biases[name] = None if bias is None else safe_get_full_fp32_param(bias).detach().cpu()
-            return weight.T if is_hf_conv1d(layer) else weight.reshape(weight.shape[0], -1)
-
+        fetch = layer_fetcher(modules, lambda p: safe_get_full_fp32_param(p).detach().cpu(), biases)
         factors = factorize_spread(names, plan.ranks, fetch, dtype=torch.float32, device=comm_device())
         changed = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
         untouched = {n: p for n, p in module.named_parameters() if n not in changed}

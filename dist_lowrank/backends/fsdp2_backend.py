@@ -27,9 +27,9 @@ from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
 from dist_lowrank.backends.optim_state import snapshot_state, transplant_state
 from dist_lowrank.device import comm_device, default_device
-from dist_lowrank.layers import empty_factorized, is_hf_conv1d, matrix_dims
+from dist_lowrank.layers import empty_factorized
 from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread
+from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView
 from dist_lowrank.surgery import count_parameters, replace_module
 
@@ -88,16 +88,7 @@ class FSDP2Backend(Backend):
         modules = dict(old.named_modules())
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
-
-        def fetch(name: str) -> torch.Tensor:
-            module = modules[name]
-            weight = _full(module.weight).detach()
-            bias = getattr(module, "bias", None)
-            biases[name] = None if bias is None else _full(bias).detach()
-            if is_hf_conv1d(module):
-                return weight.T
-            return weight.reshape(weight.shape[0], -1)
-
+        fetch = layer_fetcher(modules, _full, biases)
         dtype = _local(modules[names[0]].weight).dtype
         factors = factorize_spread(names, plan.ranks, fetch, dtype=dtype, device=comm_device())
         self.ranks.update(plan.ranks)

@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from tests.distributed.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
+from tests.distributed.switch_common import (train_after_switch, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
                                       loss_fn, make_model, optimizer_factory, scheduler_factory, state_copy)
 
 
@@ -33,12 +33,7 @@ def ddp_switch_worker(rank: int, world: int):
     with torch.no_grad():
         out = backend.model(fixed_input())
     factors_before = {n: p.detach().clone() for n, p in params.items() if ".first." in n or ".second." in n}
-    losses = []
-    for step in range(PRE_STEPS, PRE_STEPS + POST_STEPS):
-        loss = loss_fn(backend.model, local_batch(step, rank, world))
-        losses.append(float(loss.detach()))
-        backend.backward(loss)
-        backend.step()
+    losses = train_after_switch(backend, rank, world)
     final = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
     factors_changed = all(not torch.equal(final[n], v) for n, v in factors_before.items())
     return {"views": [(v.name, v.dims, v.replicated) for v in views], "full_before": full_before,

@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from tests.distributed.switch_common import (GLOBAL_BATCH, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input,
+from tests.distributed.switch_common import (train_after_switch, GLOBAL_BATCH, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input,
                                       local_batch, loss_fn, make_model, optimizer_factory, scheduler_factory)
 
 
@@ -71,12 +71,7 @@ def ds_switch_worker(rank: int, world: int, stage: int):
     with torch.no_grad():
         out = backend.model(fixed_input())
     factors_before = {n: v for n, v in _gathered(backend.engine.module).items() if n in factor_names}
-    losses = []
-    for step in range(PRE_STEPS, PRE_STEPS + POST_STEPS):
-        loss = loss_fn(backend.model, local_batch(step, rank, world))
-        losses.append(float(loss.detach()))
-        backend.backward(loss)
-        backend.step()
+    losses = train_after_switch(backend, rank, world)
     final = _gathered(backend.engine.module)
     factors_changed = all(not torch.equal(final[n], v) for n, v in factors_before.items())
     return {"views": views, "full_before": full_before, "state_before": state_before, "state_after": state_after,

@@ -61,6 +61,17 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(x), y)
 
 
+def train_after_switch(backend, rank: int, world: int) -> list[float]:
+    """The POST_STEPS training steps every backend worker runs after the switch; returns the losses."""
+    losses = []
+    for step in range(PRE_STEPS, PRE_STEPS + POST_STEPS):
+        loss = loss_fn(backend.model, local_batch(step, rank, world))
+        losses.append(float(loss.detach()))
+        backend.backward(loss)
+        backend.step()
+    return losses
+
+
 def reference_run():
     """Single process, whole global batch: pre-steps, switch, post-steps. Returns what the tests compare."""
     from dist_lowrank.backends.local_backend import LocalBackend
@@ -74,12 +85,7 @@ def reference_run():
     backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
     with torch.no_grad():
         out_after_switch = backend.model(fixed_input()).clone()
-    losses = []
-    for step in range(PRE_STEPS, PRE_STEPS + POST_STEPS):
-        loss = loss_fn(backend.model, global_batch(step))
-        losses.append(float(loss.detach()))
-        backend.backward(loss)
-        backend.step()
+    losses = train_after_switch(backend, 0, 1)
     final = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
     return {"full_before": full_before, "out_after_switch": out_after_switch, "losses": losses, "final": final}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.distributed.example_workers import ddp_example, deepspeed_example, fsdp2_example
 from tests.dist_harness import run_ranks
@@ -21,22 +20,10 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 def reference():
     from dist_lowrank import attach
     from dist_lowrank.backends.local_backend import LocalBackend
-    from examples.common import LOWRANK, digits, mlp
+    from examples.common import LOWRANK, mlp, train
 
     backend = LocalBackend(mlp(), lambda params: torch.optim.AdamW(params, lr=2e-3))
-    controller = attach(backend, LOWRANK)
-    batches = digits(0, 1, batch=64)
-    losses = []
-    for step in range(1, 61):
-        x, y = next(batches)
-        loss = F.cross_entropy(backend.model(x), y)
-        backend.backward(loss)
-        backend.step()
-        controller.after_step(step, float(loss.detach()))
-        losses.append(float(loss.detach()))
-    switch = [e for e in controller.events if e["event"] == "switch"][0]
-    return {"losses": losses, "switch_step": switch["step"], "ranks": switch["ranks"]}
-
+    return train(backend, attach(backend, LOWRANK), steps=60, batch=64)  # one process, the global batch
 
 def check(results, reference):
     r0, r1 = results

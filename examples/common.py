@@ -52,3 +52,15 @@ def train(backend, controller, steps: int = 60, batch: int = 32) -> dict:
     switch = [e for e in controller.events if e["event"] == "switch"]
     return {"losses": losses, "switch_step": switch[0]["step"] if switch else None,
             "ranks": switch[0]["ranks"] if switch else {}}
+
+
+def run_as_script(main) -> None:
+    """torchrun entry: join the process group (nccl on GPUs, gloo on CPU), run, report on rank 0."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    result = main()
+    if dist.get_rank() == 0:
+        print(f"switched at step {result['switch_step']} to ranks {result['ranks']}; "
+              f"loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
+    dist.destroy_process_group()

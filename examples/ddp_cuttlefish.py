@@ -13,7 +13,7 @@ import torch
 
 from dist_lowrank import attach
 from dist_lowrank.backends.ddp_backend import DDPBackend
-from examples.common import LOWRANK, mlp, train
+from examples.common import LOWRANK, mlp, run_as_script, train
 
 
 def main(steps: int = 60, lowrank: dict | None = None) -> dict:
@@ -22,10 +22,4 @@ def main(steps: int = 60, lowrank: dict | None = None) -> dict:
     return train(backend, controller, steps)         # the loop: examples/common.py
 
 if __name__ == "__main__":
-    import torch.distributed as dist
-
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    result = main()
-    if dist.get_rank() == 0:
-        print(f"switched at step {result['switch_step']} to ranks {result['ranks']}")
-    dist.destroy_process_group()
+    run_as_script(main)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from dist_lowrank.device import comm_device
 from dist_lowrank.linalg import SrankResult, sigma_max_batched, stable_rank
-from dist_lowrank.shard_view import ShardView
+from dist_lowrank.shard_view import ShardView, row_runs
 
 _STATUS_CODES = {"ok": 0.0, "zero": 1.0, "nonfinite": 2.0}
 _CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
@@ -30,37 +30,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _row_segments(offset: int, length: int, n: int) -> list[tuple[int, int, int, int]]:
-    """Split a flat slice of a row-major (· × n) matrix into (row, col_start, flat_start, count) runs.
-
-    A run is a piece of one row; full rows in the middle are returned as one block run with
-    col_start = -1 and count = number of rows (handled with one matmul).
-    """
-    runs: list[tuple[int, int, int, int]] = []
-    pos, end, local = offset, offset + length, 0
-    if length == 0:
-        return runs
-    row, col = divmod(pos, n)
-    if col:
-        take = min(n - col, end - pos)
-        runs.append((row, col, local, take))
-        pos, local = pos + take, local + take
-    full_rows = (end - pos) // n
-    if full_rows:
-        runs.append((pos // n, -1, local, full_rows))
-        pos, local = pos + full_rows * n, local + full_rows * n
-    if pos < end:
-        runs.append((pos // n, 0, local, end - pos))
-    return runs
-
-
 class _LocalPiece:
     """Products of a rank's piece with vectors, as zero-padded full-length partial results."""
 
     def __init__(self, view: ShardView, dtype: torch.dtype) -> None:
         self.m, self.n = view.dims
         self.values = view.local_flat.detach().reshape(-1).to(dtype)
-        self.runs = _row_segments(view.flat_offset, self.values.numel(), self.n)
+        self.runs = row_runs(view.flat_offset, self.values.numel(), self.n)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.m, dtype=v.dtype)

@@ -35,3 +35,27 @@ class ShardView:
         end = self.flat_offset + self.local_flat.numel()
         if self.flat_offset < 0 or end > m * n:
             raise ValueError(f"{self.name}: shard [{self.flat_offset}, {end}) outside a {m}x{n} matrix")
+
+
+def row_runs(offset: int, length: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Split a flat slice of a row-major (· × n) matrix into (row, col_start, flat_start, count) runs.
+
+    A run is a piece of one row; full rows in the middle are returned as one block run with
+    col_start = -1 and count = number of rows (handled with one matmul).
+    """
+    runs: list[tuple[int, int, int, int]] = []
+    pos, end, local = offset, offset + length, 0
+    if length == 0:
+        return runs
+    row, col = divmod(pos, n)
+    if col:
+        take = min(n - col, end - pos)
+        runs.append((row, col, local, take))
+        pos, local = pos + take, local + take
+    full_rows = (end - pos) // n
+    if full_rows:
+        runs.append((pos // n, -1, local, full_rows))
+        pos, local = pos + full_rows * n, local + full_rows * n
+    if pos < end:
+        runs.append((pos // n, 0, local, end - pos))
+    return runs

@@ -1,6 +1,9 @@
-"""InRank layer: W = W0 + U·V with a physical capacity and an active rank within it.
+"""InRank layer: W = W0 + U·Vᵀ with a physical capacity and an active rank within it.
 
-Only the first `rank` columns of U / rows of V take part (slices: inactive entries get no gradient).
+U (out × capacity) and V (in × capacity) are both stored tall, so that any data-parallel sharding
+along their first dimension lets the r×r Gram matrices UᵀU and VᵀV be summed from local pieces
+(the growth check then all-reduces O(r²) per layer, never a factor). Only the first `rank` columns
+take part (slices: inactive entries get no gradient).
 Growth within capacity only moves the boundary; growth past it builds a new module whose extra
 columns of U are zero, so the function is unchanged at the moment of growth.
 """
@@ -19,7 +22,7 @@ W0_MODES = ("frozen", "trained", "none")
 
 
 class InRankLinear(nn.Module):
-    """y = x W0ᵀ + (x V[:r]ᵀ) U[:, :r]ᵀ + b."""
+    """y = x W0ᵀ + (x V[:, :r]) U[:, :r]ᵀ + b."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, capacity: int, w0_mode: str = "frozen",
                  bias: bool = True, seed: int = 0) -> None:
@@ -34,7 +37,7 @@ class InRankLinear(nn.Module):
                                                                 requires_grad=w0_mode == "trained")
         self.u = nn.Parameter(torch.zeros(out_features, capacity))
         gen = torch.Generator().manual_seed(seed)
-        self.v = nn.Parameter(torch.randn(capacity, in_features, generator=gen) / in_features ** 0.5)
+        self.v = nn.Parameter(torch.randn(in_features, capacity, generator=gen) / in_features ** 0.5)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @property
@@ -46,12 +49,12 @@ class InRankLinear(nn.Module):
         return self.u.shape[1]
 
     def lowrank_part(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The active factors (U[:, :r], V[:r])."""
-        return self.u[:, : self._rank], self.v[: self._rank]
+        """The active factors (U[:, :r], V[:, :r]); the low-rank update is U Vᵀ."""
+        return self.u[:, : self._rank], self.v[:, : self._rank]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, v = self.lowrank_part()
-        y = F.linear(F.linear(x, v), u, self.bias)
+        y = F.linear(x @ v, u, self.bias)
         return y if self.w0 is None else y + F.linear(x, self.w0)
 
     @classmethod
@@ -65,7 +68,7 @@ class InRankLinear(nn.Module):
                 layer.u.zero_()
                 layer.v.zero_()
                 layer.u[:, : a.shape[1]].copy_(a)
-                layer.v[: b.shape[0]].copy_(b)
+                layer.v[:, : b.shape[0]].copy_(b.T)
                 layer.u[:, rank:].zero_()  # inactive columns carry nothing until activated
             else:
                 layer.w0.copy_(dense.weight.detach())
@@ -74,17 +77,18 @@ class InRankLinear(nn.Module):
         return layer
 
     def grow(self, new_rank: int) -> None:
-        """Activate more of the capacity; newly active U columns are zeroed so the output is unchanged."""
+        """Activate more of the capacity. The function is unchanged because inactive U columns are
+        zero and stay zero: they are zero at creation, get no gradient (sliced out of the forward), and
+        decoupled weight decay keeps zeros at zero. So growth writes no tensor — it works the same on
+        sharded parameters (FSDP2, ZeRO-3), where a column write would need a gather."""
         if new_rank < self._rank:
             raise ValueError(f"grow: rank {new_rank} < current {self._rank}; ranks never shrink")
         if new_rank > self.capacity:
             raise ValueError(f"grow: rank {new_rank} > capacity {self.capacity}; use with_capacity first")
-        with torch.no_grad():
-            self.u[:, self._rank: new_rank].zero_()
         self._rank = new_rank
 
     def with_capacity(self, capacity: int) -> "InRankLinear":
-        """A new module with more capacity: old factors copied, new U columns zero, new V rows seeded random."""
+        """A new module with more capacity: old factors copied, new U columns zero, new V columns seeded random."""
         if capacity < self.capacity:
             raise ValueError(f"with_capacity: {capacity} < current capacity {self.capacity}")
         new = InRankLinear(self.in_features, self.out_features, self._rank, capacity, self.w0_mode,
@@ -92,7 +96,7 @@ class InRankLinear(nn.Module):
         with torch.no_grad():
             new.u.zero_()
             new.u[:, : self.capacity].copy_(self.u)
-            new.v[: self.capacity].copy_(self.v)
+            new.v[:, : self.capacity].copy_(self.v)
             if self.w0 is not None:
                 new.w0.copy_(self.w0)
             if self.bias is not None:
@@ -103,7 +107,7 @@ class InRankLinear(nn.Module):
         """Efficient InRank: W0 + U V as a pure factorization at `rank` (default: the active rank)."""
         with torch.no_grad():
             u, v = self.lowrank_part()
-            w = u @ v if self.w0 is None else self.w0 + u @ v
+            w = u @ v.T if self.w0 is None else self.w0 + u @ v.T
             a, b = truncated_svd_factors(w, rank or self._rank)
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         if self.bias is not None:

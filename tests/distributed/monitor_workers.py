@@ -125,3 +125,18 @@ def profiling_worker(rank: int, world: int):
     filtered, table = keep_dense_where_not_faster(plan, modules, shapes, iters=3, min_speedup=1.0,
                                                   device=torch.device("cpu"))
     return filtered.to_json(), table
+
+
+def spectrum_worker(rank: int, world: int, layout: str):
+    """σ(U[:, :k] V[:, :k]ᵀ) from shard views of tall factors (rows / ZeRO-3 flat / replicated)."""
+    import torch
+
+    from dist_lowrank.spectrum import lowrank_singular_values
+
+    gen = torch.Generator().manual_seed(5)
+    u, v = torch.randn(37, 12, generator=gen), torch.randn(29, 12, generator=gen)
+    u2, v2 = torch.randn(8, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    u_views = views_for(layout, rank, world, [u, u2])
+    v_views = views_for(layout, rank, world, [v, v2])
+    values, stats = lowrank_singular_values(u_views, v_views, [9, 5])
+    return [x.tolist() for x in values], stats.bytes, stats.collectives

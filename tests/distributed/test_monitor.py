@@ -79,3 +79,22 @@ def test_layer_timing_decisions_are_shared():
     (plan0, table0), (plan1, table1) = run_ranks(profiling_worker, timeout=120)
     assert plan0 == plan1 and table0 == table1  # times averaged over ranks: one decision
     assert set(table0) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("layout", ["rows", "flat", "replicated"])
+def test_lowrank_singular_values_from_shards(layout):
+    from tests.distributed.monitor_workers import spectrum_worker
+
+    (s0, bytes0, calls0), (s1, _, _) = run_ranks(spectrum_worker, args=(layout,), timeout=120)
+    assert s0 == s1
+    gen = torch.Generator().manual_seed(5)
+    u, v = torch.randn(37, 12, generator=gen), torch.randn(29, 12, generator=gen)
+    u2, v2 = torch.randn(8, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    for got, (a, b, k) in zip(s0, [(u, v, 9), (u2, v2, 5)]):
+        exact = torch.linalg.svdvals(a[:, :k].double() @ b[:, :k].double().T)[:k]
+        assert torch.allclose(torch.tensor(got, dtype=torch.float64)[:k], exact, rtol=1e-8, atol=1e-9)
+    if layout == "replicated":
+        assert (bytes0, calls0) == (0, 0)
+    else:  # one all-reduce: k² per factor plus 2·world boundary rows — O(r²), never a factor
+        assert calls0 == 1
+        assert bytes0 == 8 * sum(k * k + 4 * (c + 1) for k, c in [(9, 12), (5, 16), (9, 12), (5, 16)])

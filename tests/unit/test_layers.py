@@ -74,7 +74,8 @@ def test_inrank_growth_keeps_function_and_masks_gradients():
     x = torch.randn(5, 20)
     assert torch.allclose(layer(x), dense(x), atol=1e-6)  # U = 0 at start
     with torch.no_grad():
-        layer.u.normal_()
+        layer.u[:, :2].normal_()  # trained active columns; inactive ones are zero by construction
+    assert torch.count_nonzero(layer.u[:, 2:]) == 0
     before = layer(x)
     layer.grow(4)
     assert torch.allclose(layer(x), before, atol=1e-6)
@@ -82,11 +83,11 @@ def test_inrank_growth_keeps_function_and_masks_gradients():
     assert bigger.capacity == 8 and torch.allclose(bigger(x), before, atol=1e-6)
     bigger(x).sum().backward()
     assert bigger.w0.grad is None  # frozen W0
-    assert torch.count_nonzero(bigger.u.grad[:, 4:]) == 0 and torch.count_nonzero(bigger.v.grad[4:]) == 0
+    assert torch.count_nonzero(bigger.u.grad[:, 4:]) == 0 and torch.count_nonzero(bigger.v.grad[:, 4:]) == 0
     with pytest.raises(ValueError, match="never shrink"):
         bigger.grow(2)
     folded = bigger.fold(4)
-    w = bigger.w0 + bigger.u[:, :4] @ bigger.v[:4]
+    w = bigger.w0 + bigger.u[:, :4] @ bigger.v[:, :4].T
     assert float(torch.linalg.norm((folded.second.weight @ folded.first.weight - w).double())) == \
         pytest.approx(tail(w, 4), rel=1e-3, abs=1e-5)
 

@@ -22,8 +22,17 @@ class Backend(ABC):
     optimizer: torch.optim.Optimizer
 
     @abstractmethod
+    def param_views(self, names: list[str]) -> list[Any]:
+        """For each parameter name, a `ShardView` of the piece this rank holds, in the parameter's stored
+        layout viewed as (dim 0 × the rest)."""
+
     def shard_views(self, names: list[str]) -> list[Any]:
-        """For each targeted layer name, a `monitor.ShardView` of the piece of its weight this rank holds."""
+        """For each targeted layer name, a view of its weight (named after the layer) for the monitor.
+        HF Conv1D appears as its stored (in × out) matrix: the transpose, with the same stable rank."""
+        views = self.param_views([f"{n}.weight" for n in names])
+        for view, name in zip(views, names):
+            view.name = name
+        return views
 
     @abstractmethod
     def execute(self, plan: Plan) -> dict[str, Any]:

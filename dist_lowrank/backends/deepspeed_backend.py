@@ -90,24 +90,23 @@ class DeepSpeedBackend(Backend):
         return getattr(opt, "optimizer", opt)
 
     # -- monitor -----------------------------------------------------------------------------------
-    def shard_views(self, names: list[str]) -> list[ShardView]:
-        """ZeRO-3: this rank's flat partition (padding removed); ZeRO-0/1/2: the replicated weight.
-        HF Conv1D is given as its stored (in × out) matrix (the transpose: same stable rank)."""
-        modules = dict(self.engine.module.named_modules())
+    def param_views(self, names: list[str]) -> list[ShardView]:
+        """ZeRO-3: this rank's flat partition (padding removed); ZeRO-0/1/2: the replicated parameter."""
+        params = dict(self.engine.module.named_parameters())
         views = []
         for name in names:
-            weight = modules[name].weight
-            if hasattr(weight, "ds_tensor"):
-                shape = tuple(weight.ds_shape)
-                numel = int(weight.ds_numel)
-                part = weight.ds_tensor.numel()
+            param = params[name]
+            if hasattr(param, "ds_tensor"):
+                shape = tuple(param.ds_shape)
+                numel = int(param.ds_numel)
+                part = param.ds_tensor.numel()
                 start = min(numel, dist.get_rank() * part)
                 end = min(numel, start + part)
-                local = weight.ds_tensor.detach().reshape(-1)[: end - start]
+                local = param.ds_tensor.detach().reshape(-1)[: end - start]
                 views.append(ShardView(name, (shape[0], numel // shape[0]), start, local))
             else:
-                w = weight.detach()
-                views.append(ShardView(name, (w.shape[0], w[0].numel()), 0, w.reshape(-1), replicated=True))
+                p = param.detach()
+                views.append(ShardView(name, (p.shape[0], p[0].numel()), 0, p.reshape(-1), replicated=True))
         return views
 
     # -- switch ------------------------------------------------------------------------------------

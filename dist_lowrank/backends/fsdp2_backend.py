@@ -64,21 +64,19 @@ class FSDP2Backend(Backend):
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def shard_views(self, names: list[str]) -> list[ShardView]:
-        """Row shards of each weight: Conv2d (c_out, ·) rows are matrix rows; HF Conv1D is given as its
-        stored (in × out) matrix — the transpose, with the same stable rank."""
-        modules = dict(self.model.named_modules())
+    def param_views(self, names: list[str]) -> list[ShardView]:
+        """Row shards (`Shard(0)`) of each parameter, offsets from torch's own placement arithmetic."""
+        params = dict(self.model.named_parameters())
         views = []
         for name in names:
-            weight = modules[name].weight
-            global_shape = tuple(weight.shape)
+            param = params[name]
+            global_shape = tuple(param.shape)
             rows, cols = global_shape[0], int(torch.Size(global_shape[1:]).numel())
-            if isinstance(weight, DTensor):
-                _, offset = compute_local_shape_and_global_offset(global_shape, weight.device_mesh, weight.placements)
-                local = weight.to_local()
-                views.append(ShardView(name, (rows, cols), int(offset[0]) * cols, local.detach().reshape(-1)))
+            if isinstance(param, DTensor):
+                _, offset = compute_local_shape_and_global_offset(global_shape, param.device_mesh, param.placements)
+                views.append(ShardView(name, (rows, cols), int(offset[0]) * cols, param.to_local().detach().reshape(-1)))
             else:
-                views.append(ShardView(name, (rows, cols), 0, weight.detach().reshape(-1), replicated=True))
+                views.append(ShardView(name, (rows, cols), 0, param.detach().reshape(-1), replicated=True))
         return views
 
     def execute(self, plan: Plan) -> dict[str, Any]:

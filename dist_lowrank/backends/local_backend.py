@@ -57,12 +57,13 @@ class LocalBackend(Backend):
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def shard_views(self, names: list[str]) -> list[ShardView]:
-        modules = dict(self.module.named_modules())
+    def param_views(self, names: list[str]) -> list[ShardView]:
+        """Every rank holds every parameter: replicated views (the monitor spreads layers over ranks)."""
+        params = dict(self.module.named_parameters())
         views = []
         for name in names:
-            matrix = weight_matrix(modules[name]).detach()
-            views.append(ShardView(name, tuple(matrix.shape), 0, matrix.reshape(-1), replicated=True))
+            p = params[name].detach()
+            views.append(ShardView(name, (p.shape[0], p[0].numel()), 0, p.reshape(-1), replicated=True))
         return views
 
     def execute(self, plan: Plan) -> dict[str, Any]:

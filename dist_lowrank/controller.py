@@ -11,14 +11,20 @@ import math
 import time
 from typing import Any, Callable, Optional
 
+import torch
+
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import default_device
+from dist_lowrank.errors import ConfigError
+from dist_lowrank.inrank_model import inrank_layers
 from dist_lowrank.monitor import RankMonitor
 from dist_lowrank.plan import Plan
 from dist_lowrank.profiling import keep_dense_where_not_faster, record_input_shapes
+from dist_lowrank.spectrum import lowrank_singular_values
 from dist_lowrank.strategies import build_strategy
+from dist_lowrank.strategies.inrank import trained_width
 from dist_lowrank.targeting import select_targets
 
 log = logging.getLogger("dist_lowrank")
@@ -32,17 +38,27 @@ class LowRankController:
         self.backend, self.cfg = backend, cfg
         self.on_event = on_event or (lambda event: None)
         model = backend.unwrapped_model()
-        self.modules = select_targets(model, cfg.target_modules, cfg.exclude_modules)
+        self.inrank = cfg.strategy == "inrank"
+        self.capacities: dict[str, int] = {}
+        if self.inrank:
+            layers = inrank_layers(model)
+            if not layers:
+                raise ConfigError("lowrank.strategy: 'inrank' needs a model converted with "
+                                  "dist_lowrank.inrank_model.to_inrank before the engine is built")
+            self.modules = dict(layers)
+            self.dims = {n: (m.out_features, m.in_features) for n, m in layers.items()}
+            self.capacities = {n: m.capacity for n, m in layers.items()}
+        else:
+            self.modules = select_targets(model, cfg.target_modules, cfg.exclude_modules)
+            self.dims = {v.name: tuple(v.dims) for v in backend.shard_views(list(self.modules))}
         self.names = list(self.modules)
-        views = backend.shard_views(self.names)
-        self.dims = {v.name: tuple(v.dims) for v in views}
         self.strategy = build_strategy(cfg, self.dims)
         self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps)
         self.coordinator = Coordinator()
         self.cadence = self._cadence_steps(cfg, steps_per_epoch)
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.skipped_steps = 0
-        self.ranks: dict[str, int] = {}
+        self.ranks: dict[str, int] = {n: cfg.inrank.init_rank for n in self.modules} if self.inrank else {}
         self.events: list[dict[str, Any]] = []
         self.last_estimate: dict[str, float] = {}
 
@@ -79,7 +95,7 @@ class LowRankController:
 
     def start(self) -> None:
         """The init measurement (Cuttlefish's epoch −1): call once before the first training step."""
-        if self.active:
+        if self.active and not self.inrank:
             self.strategy.observe(0, self.estimate(0))
 
     def after_step(self, step: int, loss: float) -> Optional[Plan]:
@@ -91,12 +107,58 @@ class LowRankController:
             self.skipped_steps += 1
             self._emit({"event": "skipped_nonfinite", "step": step})
             return None
+        if self.inrank:
+            return self._inrank_step(step)
         if step % self.cadence:
             return None
         plan = self.coordinator.agree(self.strategy.observe(step, self.estimate(step)))
         if plan is None:
             return None
         return self.execute(plan)
+
+    def spectrum(self, step: int) -> dict[str, torch.Tensor]:
+        """Collective: σ(U Vᵀ) of every InRank layer from r×r Grams of the shards; rank 0's values."""
+        start = time.perf_counter()
+        u_views = self.backend.param_views([f"{n}.u" for n in self.names])
+        v_views = self.backend.param_views([f"{n}.v" for n in self.names])
+        widths = [m.rank for m in inrank_layers(self.backend.unwrapped_model()).values()]
+        values, stats = lowrank_singular_values(u_views, v_views, widths)
+        flat = {f"{n}#{i}": float(x) for n, vals in zip(self.names, values) for i, x in enumerate(vals.tolist())}
+        shared = self.coordinator.broadcast_values(flat)
+        svals = {n: torch.tensor([shared[f"{n}#{i}"] for i in range(len(vals))], dtype=torch.float64)
+                 for n, vals in zip(self.names, values)}
+        self._emit({"event": "spectrum", "step": step, "seconds": time.perf_counter() - start,
+                    "gram_bytes": stats.bytes, "gram_collectives": stats.collectives,
+                    "ranks": dict(self.ranks), "capacities": dict(self.capacities)})
+        return svals
+
+    def _inrank_step(self, step: int) -> Optional[Plan]:
+        rule = self.strategy
+        check = rule.is_check_step(step)
+        fix_due = rule.cfg.fix_after is not None and step >= rule.cfg.fix_after
+        if not (check or fix_due):
+            return None
+        svals = self.spectrum(step) if check and not fix_due else {}
+        plan = self.coordinator.agree(rule.decide(step, svals, dict(self.ranks), dict(self.capacities)))
+        if plan is None:
+            return None
+        if plan.kind == "grow":
+            widths = {n: trained_width(rule.cfg, r, *self.dims[n]) for n, r in plan.ranks.items()}
+            modules = inrank_layers(self.backend.unwrapped_model())
+            for name, width in widths.items():
+                if name not in plan.capacities:
+                    modules[name].grow(width)  # within capacity: no tensor changes, no reshard
+            measurements = {}
+            if plan.capacities:
+                measurements = self.backend.execute(Plan("grow", step, {n: widths[n] for n in plan.capacities},
+                                                         capacities=dict(plan.capacities)))
+            self.capacities.update(plan.capacities)
+        else:
+            measurements = {}
+        self.ranks.update(plan.ranks)
+        self._emit({"event": plan.kind, "step": step, "ranks": dict(plan.ranks), "capacities": dict(plan.capacities),
+                    "reshards": len(plan.capacities), "measurements": measurements})
+        return plan
 
     def execute(self, plan: Plan) -> Plan:
         """Filter the plan by measured layer speed, then have the backend reshard (collective)."""
@@ -122,10 +184,11 @@ class LowRankController:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to make the same decisions (strategy state, ranks, counters)."""
         return {"strategy": self.strategy.state_dict() if self.strategy else None, "ranks": dict(self.ranks),
-                "skipped_steps": self.skipped_steps}
+                "capacities": dict(self.capacities), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.strategy is not None and state.get("strategy") is not None:
             self.strategy.load_state_dict(state["strategy"])
         self.ranks = dict(state.get("ranks", {}))
+        self.capacities = dict(state.get("capacities", {}))
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.optim_state import snapshot_state, transplant_state
+from dist_lowrank.backends.optim_state import embed_state, snapshot_state, transplant_state
 from dist_lowrank.device import comm_device
 from dist_lowrank.layers import weight_matrix
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread
 from dist_lowrank.shard_view import ShardView
-from dist_lowrank.surgery import apply_rank_plan, count_parameters
+from dist_lowrank.surgery import apply_rank_plan, count_parameters, replace_module
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -68,6 +68,8 @@ class LocalBackend(Backend):
 
     def execute(self, plan: Plan) -> dict[str, Any]:
         """Factorize plan.ranks (owner-rank SVDs, broadcast), rebuild wrapper and optimizer, keep state."""
+        if plan.kind == "grow":
+            return self._grow(plan)
         start = time.perf_counter()
         rss_before = peak_rss_mb()
         params_before = count_parameters(self.module)
@@ -95,6 +97,34 @@ class LocalBackend(Backend):
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
                 "params_after": report.params_after, "layers": len(names),
                 "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before}
+
+    def _grow(self, plan: Plan) -> dict[str, Any]:
+        """InRank layers outgrew their capacity: bigger U, V (old block kept, new U columns zero so the
+        function is unchanged), old moments embedded, new rows/columns with zero moments."""
+        start = time.perf_counter()
+        modules = dict(self.module.named_modules())
+        grown = sorted(plan.capacities)
+        changed = {f"{n}.{p}" for n in grown for p in ("u", "v")}
+        named = dict(self.module.named_parameters())
+        snapshot = snapshot_state(self.optimizer, named)
+        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
+        self.release()
+        for name in grown:
+            new = modules[name].with_capacity(plan.capacities[name])
+            new.grow(plan.ranks[name])
+            replace_module(self.module, name, new)
+        del modules
+        new_named = dict(self.module.named_parameters())
+        for name in changed & set(snapshot):
+            snapshot[name] = embed_state(snapshot[name], new_named[name].shape)
+        self.optimizer = self.optimizer_factory(self.module.parameters())
+        transplant_state(self.optimizer, new_named, snapshot)
+        if self.scheduler_factory is not None:
+            self.scheduler = self.scheduler_factory(self.optimizer)
+            self.scheduler.load_state_dict(scheduler_state)
+        self.model = self.wrap(self.module)
+        gc.collect()
+        return {"seconds": time.perf_counter() - start, "layers": len(grown), "peak_rss_mb": peak_rss_mb()}
 
     def release(self) -> None:
         """Drop the wrapper and optimizer that reference the old parameters."""

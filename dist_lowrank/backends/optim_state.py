@@ -42,3 +42,17 @@ def transplant_state(optimizer: torch.optim.Optimizer, named_params: dict[str, n
                 raise ValueError(f"{name}: optimizer state {key} has shape {tuple(value.shape)}, "
                                  f"parameter has {tuple(param.shape)}")
         optimizer.state[param] = {k: _clone(v) for k, v in state.items()}
+
+
+def embed_state(state: dict, new_shape: torch.Size) -> dict:
+    """A grown parameter's state: old moments in the leading block, zeros in the new rows/columns
+    (they have no history); scalars such as `step` are kept, so the old block's bias correction holds."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            grown = torch.zeros(new_shape, dtype=value.dtype, device=value.device)
+            grown[tuple(slice(0, size) for size in value.shape)] = value
+            out[key] = grown
+        else:
+            out[key] = _clone(value)
+    return out

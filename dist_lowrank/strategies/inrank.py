@@ -1,7 +1,9 @@
 """InRank growth rule: grow a layer's rank while its update's spectrum says more is needed.
 
-Every `gap` steps after `warmup`, new rank = first k in [r, r + buffer) with explained ratio
-g(k) > τ (see linalg.explained), never below r, capped where factorizing stops saving parameters.
+A layer of rank r trains r + buffer columns (the buffer is where new directions can appear). Every
+`gap` steps after `warmup`, the singular values of those r + buffer columns give the new rank
+k = first k in [r, r + buffer) with explained ratio g(k) > τ (see linalg.explained) — or r + buffer
+when none qualifies — never below r, capped where factorizing stops saving parameters.
 Capacity (what is physically allocated) grows geometrically — ×growth_factor, rounded up to a
 multiple — so resharding happens O(log r) times per layer, not at every growth.
 """
@@ -31,6 +33,20 @@ def next_capacity(capacity: int, needed: int, factor: float, multiple: int, cap:
     return max(needed, min(grown, cap))
 
 
+def saving_cap(m: int, n: int) -> int:
+    return max(1, max_saving_rank(m, n))
+
+
+def trained_width(cfg: InRankConfig, rank: int, m: int, n: int) -> int:
+    """Columns trained for a layer of rank r: r + buffer, capped where factorizing stops saving."""
+    return min(saving_cap(m, n), rank + cfg.buffer)
+
+
+def initial_capacity(cfg: InRankConfig, m: int, n: int) -> int:
+    """The initial trained width rounded up to the capacity multiple, capped where factorizing stops saving."""
+    return min(saving_cap(m, n), round_up(trained_width(cfg, cfg.init_rank, m, n), cfg.capacity_multiple))
+
+
 class InRankGrowthRule(Strategy):
     """Decides growth from singular values of each layer's low-rank part (computed by the caller)."""
 
@@ -40,11 +56,10 @@ class InRankGrowthRule(Strategy):
         self.decisions: list[dict[str, Any]] = []
 
     def cap(self, name: str) -> int:
-        m, n = self.dims[name]
-        return max(1, max_saving_rank(m, n))
+        return saving_cap(*self.dims[name])
 
     def initial_capacity(self, name: str) -> int:
-        return min(self.cap(name), round_up(self.cfg.init_rank, self.cfg.capacity_multiple))
+        return initial_capacity(self.cfg, *self.dims[name])
 
     def is_check_step(self, step: int) -> bool:
         return step >= self.cfg.warmup and (step - self.cfg.warmup) % self.cfg.gap == 0
@@ -69,7 +84,8 @@ class InRankGrowthRule(Strategy):
             k = min(max(k, r), self.cap(name))
             if k > r:
                 new_ranks[name] = k
-                cap = next_capacity(capacities[name], k, self.cfg.growth_factor, self.cfg.capacity_multiple,
+                width = trained_width(self.cfg, k, *self.dims[name])
+                cap = next_capacity(capacities[name], width, self.cfg.growth_factor, self.cfg.capacity_multiple,
                                     self.cap(name))
                 if cap != capacities[name]:
                     new_caps[name] = cap

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import time
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,9 +26,9 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
-from dist_lowrank.backends.optim_state import snapshot_state, transplant_state
+from dist_lowrank.backends.optim_state import embed_state, snapshot_state, transplant_state
 from dist_lowrank.device import comm_device, default_device
-from dist_lowrank.layers import empty_factorized
+from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView
@@ -57,7 +58,8 @@ class FSDP2Backend(Backend):
         self.model = parallelize_fn(module.to(default_device())) or module
         self.optimizer = optimizer_factory(self.model.parameters())
         self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
-        self.ranks: dict[str, int] = {}  # every factorization so far: replayed on the meta skeleton
+        # every structural change so far (layer name -> builder from the meta module), replayed on rebuilds
+        self.replacements: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
     def step(self) -> None:
         super().step()
@@ -80,77 +82,128 @@ class FSDP2Backend(Backend):
         return views
 
     def execute(self, plan: Plan) -> dict[str, Any]:
-        start, rss_before = time.perf_counter(), peak_rss_mb()
-        old = self.model
-        params_before = count_parameters(old)
-        modules = dict(old.named_modules())
+        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow")."""
+        if plan.kind == "grow":
+            return self._grow(plan)
+        modules = dict(self.model.named_modules())
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
         fetch = layer_fetcher(modules, _full, biases)
         dtype = _local(modules[names[0]].weight).dtype
         factors = factorize_spread(names, plan.ranks, fetch, dtype=dtype, device=comm_device())
-        self.ranks.update(plan.ranks)
+        sources: dict[str, torch.Tensor] = {}
+        for name in names:
+            a, b = factors[name]
+            sources[f"{name}.first.weight"], sources[f"{name}.second.weight"] = b, a
+            if biases[name] is not None:
+                sources[f"{name}.second.bias"] = biases[name]
+            self.replacements[name] = partial(_factorized_like, rank=plan.ranks[name])
+        del modules, factors
+        return self._rebuild(sources, {}, layers=len(names))
+
+    def _grow(self, plan: Plan) -> dict[str, Any]:
+        """InRank layers past capacity: full U, V (small) and their moments, grown, re-sharded."""
+        modules = dict(self.model.named_modules())
+        sources: dict[str, torch.Tensor] = {}
+        states: dict[str, dict] = {}
+        for name in sorted(plan.capacities):
+            layer, capacity = modules[name], plan.capacities[name]
+            u, v = InRankLinear.grown_factors(_full(layer.u).detach(), _full(layer.v).detach(), capacity,
+                                              layer.seed + capacity)
+            sources[f"{name}.u"], sources[f"{name}.v"] = u, v
+            for pname, param, grown in ((f"{name}.u", layer.u, u), (f"{name}.v", layer.v, v)):
+                state = self.optimizer.state.get(param)
+                if state:
+                    full_state = {key: _full(value) if isinstance(value, DTensor) else value
+                                  for key, value in state.items()}
+                    states[pname] = embed_state(full_state, grown.shape)
+            self.replacements[name] = partial(_inrank_like, width=plan.ranks[name], capacity=capacity)
+        del modules
+        return self._rebuild(sources, states, layers=len(plan.capacities))
+
+    def _rebuild(self, sources: dict[str, torch.Tensor], full_states: dict[str, dict], layers: int) -> dict[str, Any]:
+        """New sharded model from the skeleton: untouched shards copied, `sources` distributed, optimizer
+        state carried (untouched: local shards bit for bit; `full_states`: distributed)."""
+        start, rss_before = time.perf_counter(), peak_rss_mb()
+        old = self.model
+        params_before = count_parameters(old)
         new = self._build_skeleton()
-        self._materialize(new, old, factors, biases)
+        self._materialize(new, old, sources)
+        old_inrank = {n: m for n, m in old.named_modules() if isinstance(m, InRankLinear)}
+        for name, module in new.named_modules():  # widths grown within capacity live on the modules
+            if isinstance(module, InRankLinear) and name in old_inrank and name not in full_states_layers(full_states):
+                module.grow(max(module.rank, old_inrank[name].rank))
         old_named = dict(old.named_parameters())
         new_named = dict(new.named_parameters())
-        untouched = {n: p for n, p in old_named.items() if n in new_named}
+        untouched = {n: p for n, p in old_named.items() if n in new_named and n not in sources}
         snapshot = snapshot_state(self.optimizer, untouched)
         scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
         self.model = self.optimizer = self.scheduler = None
-        del old, old_named, untouched, modules
+        del old, old_named, untouched, old_inrank
         self.model = new
         self.optimizer = self.optimizer_factory(new.parameters())
         transplant_state(self.optimizer, new_named, snapshot, [n for n in new_named if n not in snapshot])
+        for name, state in full_states.items():
+            param = new_named[name]
+            self.optimizer.state[param] = {key: _shard_like(value, param) for key, value in state.items()}
         if self.scheduler_factory is not None:
             self.scheduler = self.scheduler_factory(self.optimizer)
             self.scheduler.load_state_dict(scheduler_state)
         gc.collect()
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
-                "params_after": count_parameters(new), "layers": len(names), "peak_rss_mb": peak_rss_mb(),
+                "params_after": count_parameters(new), "layers": layers, "peak_rss_mb": peak_rss_mb(),
                 "peak_rss_growth_mb": peak_rss_mb() - rss_before}
 
     def _build_skeleton(self) -> nn.Module:
-        """model_fn on the meta device, every factorization so far applied, then sharded."""
+        """model_fn on the meta device, every replacement so far replayed, then sharded."""
         with torch.device("meta"):
             skeleton = self.model_fn()
             meta_modules = dict(skeleton.named_modules())
-            for name in sorted(self.ranks):
-                dense = meta_modules[name]
-                replace_module(skeleton, name, empty_factorized(dense, self.ranks[name], device="meta",
-                                                                dtype=dense.weight.dtype))
+            for name, build in self.replacements.items():
+                replace_module(skeleton, name, build(meta_modules[name]))
         return self.parallelize_fn(skeleton) or skeleton
 
     @torch.no_grad()
-    def _materialize(self, new: nn.Module, old: nn.Module, factors: dict, biases: dict) -> None:
+    def _materialize(self, new: nn.Module, old: nn.Module, sources: dict[str, torch.Tensor]) -> None:
         """Allocate the sharded skeleton and fill every local shard (no full model anywhere)."""
         new.to_empty(device=default_device())
         old_params = dict(old.named_parameters())
         for name, param in new.named_parameters():
-            if name in old_params:
-                src, dst = _local(old_params[name]), _local(param)
-                if src.shape != dst.shape:
-                    raise RuntimeError(f"{name}: local shard {tuple(src.shape)} != rebuilt {tuple(dst.shape)}")
-                dst.copy_(src)
+            if name in sources:
+                _local(param).copy_(_local(_shard_like(sources[name].reshape(param.shape), param)))
                 continue
-            layer, _, leaf = name.rpartition(".")
-            layer_name, _, part = layer.rpartition(".")
-            a, b = factors[layer_name]
-            if (part, leaf) == ("first", "weight"):
-                full = b.reshape(param.shape)
-            elif (part, leaf) == ("second", "weight"):
-                full = a.reshape(param.shape)
-            elif (part, leaf) == ("second", "bias"):
-                full = biases[layer_name].reshape(param.shape)
-            else:
+            if name not in old_params:
                 raise RuntimeError(f"{name}: new parameter with no source")
-            full = full.to(device=_local(param).device, dtype=_local(param).dtype)
-            if isinstance(param, DTensor):
-                _local(param).copy_(distribute_tensor(full, param.device_mesh, param.placements,
-                                                      src_data_rank=None).to_local())
-            else:
-                param.copy_(full)
+            src, dst = _local(old_params[name]), _local(param)
+            if src.shape != dst.shape:
+                raise RuntimeError(f"{name}: local shard {tuple(src.shape)} != rebuilt {tuple(dst.shape)}")
+            dst.copy_(src)
         old_buffers = dict(old.named_buffers())
         for name, buf in new.named_buffers():
             if name in old_buffers:
                 buf.copy_(old_buffers[name])
+
+
+def full_states_layers(full_states: dict[str, dict]) -> set[str]:
+    """Layer names whose parameters are rebuilt from full states (their width comes from the plan)."""
+    return {name.rpartition(".")[0] for name in full_states}
+
+
+def _shard_like(value: Any, param: torch.Tensor) -> Any:
+    """A full tensor cut like `param` (this rank's local shard as a DTensor); scalars pass through."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    local = _local(param)
+    value = value.to(device=local.device, dtype=local.dtype if value.is_floating_point() else value.dtype)
+    if isinstance(param, DTensor):
+        return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    return value
+
+
+def _factorized_like(dense: nn.Module, rank: int) -> nn.Module:
+    return empty_factorized(dense, rank, device="meta", dtype=dense.weight.dtype)
+
+
+def _inrank_like(old: InRankLinear, width: int, capacity: int) -> InRankLinear:
+    return InRankLinear(old.in_features, old.out_features, width, capacity, old.w0_mode, old.bias is not None,
+                        seed=old.seed)

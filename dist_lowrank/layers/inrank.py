@@ -36,8 +36,11 @@ class InRankLinear(nn.Module):
         self.w0 = None if w0_mode == "none" else nn.Parameter(torch.zeros(out_features, in_features),
                                                                 requires_grad=w0_mode == "trained")
         self.u = nn.Parameter(torch.zeros(out_features, capacity))
-        gen = torch.Generator().manual_seed(seed)
-        self.v = nn.Parameter(torch.randn(in_features, capacity, generator=gen) / in_features ** 0.5)
+        self.v = nn.Parameter(torch.empty(in_features, capacity))
+        if self.v.device.type != "meta":
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                self.v.copy_(torch.randn(in_features, capacity, generator=gen) / in_features ** 0.5)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @property
@@ -87,6 +90,18 @@ class InRankLinear(nn.Module):
             raise ValueError(f"grow: rank {new_rank} > capacity {self.capacity}; use with_capacity first")
         self._rank = new_rank
 
+    @staticmethod
+    def grown_factors(u: torch.Tensor, v: torch.Tensor, capacity: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full U, V at a larger capacity: old block kept, new U columns zero (function unchanged),
+        new V columns seeded random (directions the new U columns can learn to use)."""
+        gen = torch.Generator().manual_seed(seed)
+        new_u = torch.zeros(u.shape[0], capacity, dtype=u.dtype, device=u.device)
+        new_u[:, : u.shape[1]] = u
+        new_v = (torch.randn(v.shape[0], capacity, generator=gen) / v.shape[0] ** 0.5).to(dtype=v.dtype,
+                                                                                         device=v.device)
+        new_v[:, : v.shape[1]] = v
+        return new_u, new_v
+
     def with_capacity(self, capacity: int) -> "InRankLinear":
         """A new module with more capacity: old factors copied, new U columns zero, new V columns seeded random."""
         if capacity < self.capacity:
@@ -94,9 +109,9 @@ class InRankLinear(nn.Module):
         new = InRankLinear(self.in_features, self.out_features, self._rank, capacity, self.w0_mode,
                            self.bias is not None, seed=self.seed + capacity)
         with torch.no_grad():
-            new.u.zero_()
-            new.u[:, : self.capacity].copy_(self.u)
-            new.v[:, : self.capacity].copy_(self.v)
+            u, v = self.grown_factors(self.u.detach(), self.v.detach(), capacity, self.seed + capacity)
+            new.u.copy_(u)
+            new.v.copy_(v)
             if self.w0 is not None:
                 new.w0.copy_(self.w0)
             if self.bias is not None:

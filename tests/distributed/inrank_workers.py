@@ -1,0 +1,87 @@
+"""InRank growth workers on real ranks (module level for the spawn harness)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INRANK = {"strategy": "inrank", "target_modules": ["2", "4"],
+          "inrank": {"init_rank": 2, "warmup": 10, "gap": 5, "tau": 0.9, "buffer": 6, "capacity_multiple": 4,
+                     "growth_factor": 1.5, "w0_mode": "frozen"}}
+STEPS = 40
+
+
+def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
+    """Train STEPS steps; record decisions, whether each growth left the function unchanged, losses."""
+    from examples.common import digits
+
+    probe = torch.rand(5, 64, generator=torch.Generator().manual_seed(3))
+    batches = digits(rank, world, batch=batch)
+    losses, unchanged, decisions = [], [], []
+    for step in range(1, STEPS + 1):
+        x, y = next(batches)
+        loss = F.cross_entropy(backend.model(x), y)
+        backend.backward(loss)
+        backend.step()
+        losses.append(float(loss.detach()))
+        with torch.no_grad():
+            before = backend.model(probe).clone()
+        plan = controller.after_step(step, losses[-1])
+        if plan is not None:
+            with torch.no_grad():
+                unchanged.append(float((backend.model(probe) - before).abs().max()))
+            decisions.append((plan.step, plan.kind, dict(plan.ranks), dict(plan.capacities)))
+    spectra = [e["gram_bytes"] for e in controller.events if e["event"] == "spectrum"]
+    return {"losses": losses, "unchanged": unchanged, "decisions": decisions, "gram_bytes": spectra}
+
+
+def ddp_inrank_worker(rank: int, world: int):
+    from dist_lowrank.backends.ddp_backend import DDPBackend
+    from dist_lowrank.config import config_from_dict
+    from dist_lowrank.controller import LowRankController
+    from dist_lowrank.inrank_model import to_inrank
+    from examples.common import mlp
+
+    cfg = config_from_dict(INRANK)
+    backend = DDPBackend(to_inrank(mlp(), cfg), lambda p: torch.optim.AdamW(p, lr=3e-3))
+    controller = LowRankController(backend, cfg)
+    controller.start()
+    return run_inrank(backend, controller, rank, world, batch=32)
+
+
+def reference_inrank() -> dict:
+    from dist_lowrank.backends.local_backend import LocalBackend
+    from dist_lowrank.config import config_from_dict
+    from dist_lowrank.controller import LowRankController
+    from dist_lowrank.inrank_model import to_inrank
+    from examples.common import mlp
+
+    cfg = config_from_dict(INRANK)
+    backend = LocalBackend(to_inrank(mlp(), cfg), lambda p: torch.optim.AdamW(p, lr=3e-3))
+    controller = LowRankController(backend, cfg)
+    controller.start()
+    return run_inrank(backend, controller, 0, 1, batch=64)
+
+
+def fsdp2_inrank_worker(rank: int, world: int):
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
+    from dist_lowrank.config import config_from_dict
+    from dist_lowrank.controller import LowRankController
+    from dist_lowrank.inrank_model import to_inrank
+    from dist_lowrank.layers import InRankLinear
+    from examples.common import mlp
+
+    cfg = config_from_dict(INRANK)
+
+    def shard(model):
+        for module in model:
+            if isinstance(module, (nn.Linear, InRankLinear)):
+                fully_shard(module)
+        return fully_shard(model)
+
+    backend = FSDP2Backend(lambda: to_inrank(mlp(), cfg), shard, lambda p: torch.optim.AdamW(p, lr=3e-3))
+    controller = LowRankController(backend, cfg)
+    controller.start()
+    return run_inrank(backend, controller, rank, world, batch=32)

@@ -28,7 +28,8 @@ from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
 from dist_lowrank.device import comm_device
-from dist_lowrank.layers import empty_factorized
+from dist_lowrank.backends.optim_state import embed_state
+from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView
@@ -109,51 +110,99 @@ class DeepSpeedBackend(Backend):
                 views.append(ShardView(name, (p.shape[0], p[0].numel()), 0, p.reshape(-1), replicated=True))
         return views
 
-    # -- switch ------------------------------------------------------------------------------------
+    # -- switch and growth ------------------------------------------------------------------------
     def execute(self, plan: Plan) -> dict[str, Any]:
+        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow")."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        if plan.kind == "grow":
+            return self._grow(plan)
+        modules = dict(self.engine.module.named_modules())
+        names = sorted(plan.ranks)
+        biases: dict[str, Optional[torch.Tensor]] = {}
+        fetch = layer_fetcher(modules, lambda p: safe_get_full_fp32_param(p).detach().cpu(), biases)
+        factors = factorize_spread(names, plan.ranks, fetch, dtype=torch.float32, device=comm_device())
+        replacements, values = {}, {}
+        for name in names:
+            a, b = factors[name]
+            replacements[name] = self._factor_module(modules[name], a, b, biases[name])
+            values[f"{name}.first.weight"], values[f"{name}.second.weight"] = b, a
+            if biases[name] is not None:
+                values[f"{name}.second.bias"] = biases[name]
+        del modules, factors
+        # The dense layers' parameters leave; the factors get a param group of their own (Adam step 0).
+        return self._rebuild(replacements, values, {}, new_group=True)
+
+    def _grow(self, plan: Plan) -> dict[str, Any]:
+        """InRank layers past capacity: bigger U, V (old block kept, new U columns zero) and their moments
+        embedded; W0 and bias stay the same partitioned parameters. U, V keep their group and step."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        modules = dict(self.engine.module.named_modules())
+        has_state = self._group_steps()[0] is not None
+        replacements, values, states = {}, {}, {}
+        for name in sorted(plan.capacities):
+            layer, capacity = modules[name], plan.capacities[name]
+            u, v = InRankLinear.grown_factors(safe_get_full_fp32_param(layer.u).detach().cpu(),
+                                              safe_get_full_fp32_param(layer.v).detach().cpu(), capacity,
+                                              layer.seed + capacity)
+            for pname, param, grown in ((f"{name}.u", layer.u, u), (f"{name}.v", layer.v, v)):
+                values[pname] = grown
+                if has_state:
+                    old = {k: safe_get_full_optimizer_state(param, k).detach().cpu() for k in MOMENTS}
+                    states[pname] = embed_state(old, grown.shape)
+            replacements[name] = InRankLinear.assemble(layer, u, v, plan.ranks[name])
+        del modules
+        return self._rebuild(replacements, values, states, new_group=False)
+
+    def _rebuild(self, replacements: dict[str, nn.Module], values: dict[str, torch.Tensor],
+                 states: dict[str, dict[str, torch.Tensor]], new_group: bool) -> dict[str, Any]:
+        """Swap modules, build a new engine, and put every fp32 master and Adam moment in place.
+
+        values: full fp32 masters of the parameters that changed; states: their full moments (absent ⇒ zero).
+        """
         start, rss_before = time.perf_counter(), peak_rss_mb()
         module = self.engine.module
         params_before = count_parameters(module)
-        modules = dict(module.named_modules())
-        names = sorted(plan.ranks)
-        biases: dict[str, Optional[torch.Tensor]] = {}
-
-        fetch = layer_fetcher(modules, lambda p: safe_get_full_fp32_param(p).detach().cpu(), biases)
-        factors = factorize_spread(names, plan.ranks, fetch, dtype=torch.float32, device=comm_device())
-        changed = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+        old_modules = dict(module.named_modules())
+        changed = set(values)
+        for name, replacement in replacements.items():  # old parameters that do not carry over
+            kept_ids = {id(p) for p in replacement.parameters()}
+            changed |= {f"{name}.{leaf}" for leaf, p in old_modules[name].named_parameters() if id(p) not in kept_ids}
+        del old_modules
         untouched = {n: p for n, p in module.named_parameters() if n not in changed}
         snapshot = self._snapshot(untouched)
         counters = {c: getattr(self.engine, c) for c in COUNTERS if hasattr(self.engine, c)}
         steps = self._group_steps()
         scheduler_state = self.engine.lr_scheduler.state_dict() if self.engine.lr_scheduler is not None else None
-
         self._release_engine()
-        for name in names:
-            dense = modules[name]
-            a, b = factors[name]
-            replace_module(module, name, self._factor_module(dense, a, b, biases[name]))
-        del modules, untouched
+        for name, new in replacements.items():
+            replace_module(module, name, new)
+        del untouched
         gc.collect()
-
-        kept = [([n for n in names_ if n not in changed], step) for names_, step in zip(self.group_names, steps)]
+        present = {n for n, _ in module.named_parameters()}
+        kept = [([n for n in group if n in present and (n not in changed or not new_group)], step)
+                for group, step in zip(self.group_names, steps)]
         kept = [(g, s) for g, s in kept if g]
-        new_names = [n for n, _ in module.named_parameters() if not any(n in g for g, _ in kept)]
-        self.group_names = [g for g, _ in kept] + [new_names]
+        self.group_names = [g for g, _ in kept]
+        group_steps = [s for _, s in kept]
+        fresh = [n for n, _ in module.named_parameters() if not any(n in g for g in self.group_names)]
+        if fresh:
+            self.group_names.append(fresh)
+            group_steps.append(torch.zeros_like(steps[0]) if steps[0] is not None else None)
         self.engine, _ = self._initialize(module)
         for counter, value in counters.items():
             setattr(self.engine, counter, value)
         if scheduler_state is not None and self.engine.lr_scheduler is not None:
             _continue_scheduler(self.engine.lr_scheduler, scheduler_state, len(self.group_names))
         if steps[0] is not None:
-            self._create_optimizer_state([s for _, s in kept] + [torch.zeros_like(steps[0])])
+            self._create_optimizer_state(group_steps)
         new_named = dict(self.engine.module.named_parameters())
         self._restore(new_named, snapshot)
-        self._write_factors(new_named, names, factors, biases)
+        self._write_full(new_named, values, states)
         gc.collect()
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
-                "params_after": count_parameters(self.engine.module), "layers": len(names),
+                "params_after": count_parameters(self.engine.module), "layers": len(replacements),
                 "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before}
 
     def _release_engine(self) -> None:
@@ -215,6 +264,8 @@ class DeepSpeedBackend(Backend):
         has_state = self._group_steps()[0] is not None
         out = {}
         for name, param in params.items():
+            if not param.requires_grad:  # frozen (e.g. InRank W0): no master, no moments; the module keeps it
+                continue
             if self.stage == 3:
                 entry = {"fp32": safe_get_local_fp32_param(param).clone()}
                 if has_state:
@@ -254,27 +305,32 @@ class DeepSpeedBackend(Backend):
                     if key in entry:
                         safe_set_full_optimizer_state(param, entry[key], key)
 
-    def _write_factors(self, params: dict[str, nn.Parameter], names: list[str], factors: dict, biases: dict) -> None:
-        """fp32 masters of the new factors from the fp32 factors (the module copy may be lower precision)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+    def _write_full(self, params: dict[str, nn.Parameter], values: dict[str, torch.Tensor],
+                    states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """fp32 masters (and moments) of changed parameters from full tensors: ZeRO-3 writes this rank's
+        partition, ZeRO-0/1/2 the full tensor (DeepSpeed keeps the fragments)."""
+        from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                                     safe_set_local_optimizer_state)
 
-        for name in names:
-            a, b = factors[name]
-            values = {f"{name}.first.weight": b, f"{name}.second.weight": a}
-            if biases[name] is not None:
-                values[f"{name}.second.bias"] = biases[name]
-            for pname, value in values.items():
-                param = params[pname]
-                full = value.reshape(tuple(getattr(param, "ds_shape", param.shape))).float()
+        for pname, value in values.items():
+            param = params[pname]
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            entries = {None: value, **states.get(pname, {})}
+            for key, full in entries.items():
+                full = full.reshape(shape).float()
                 if self.stage == 3:
                     part = param.ds_tensor.numel()
                     flat = torch.zeros(part * dist.get_world_size(), dtype=torch.float32)
                     flat[: full.numel()] = full.reshape(-1)
-                    rank = dist.get_rank()
-                    safe_set_local_fp32_param(param, flat[rank * part:(rank + 1) * part].to(param.ds_tensor.device))
-                else:
+                    local = flat[dist.get_rank() * part:(dist.get_rank() + 1) * part].to(param.ds_tensor.device)
+                    if key is None:
+                        safe_set_local_fp32_param(param, local)
+                    else:
+                        safe_set_local_optimizer_state(param, local, key)
+                elif key is None:
                     safe_set_full_fp32_param(param, full.to(param.device))
-
+                else:
+                    safe_set_full_optimizer_state(param, full.to(param.device), key)
 
 def _continue_scheduler(scheduler: Any, state: dict, n_groups: int) -> None:
     """Load the old scheduler position into the new one; per-group lists (torch schedulers) are

@@ -49,7 +49,7 @@ class InRankLinear(nn.Module):
 
     @property
     def capacity(self) -> int:
-        return self.u.shape[1]
+        return tuple(getattr(self.u, "ds_shape", self.u.shape))[1]  # ZeRO-3 hides shapes (param.shape == (0,))
 
     def lowrank_part(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The active factors (U[:, :r], V[:, :r]); the low-rank update is U Vᵀ."""
@@ -101,6 +101,19 @@ class InRankLinear(nn.Module):
                                                                                          device=v.device)
         new_v[:, : v.shape[1]] = v
         return new_u, new_v
+
+    @classmethod
+    def assemble(cls, old: "InRankLinear", u: torch.Tensor, v: torch.Tensor, rank: int) -> "InRankLinear":
+        """A layer with new U, V but the *same* W0 and bias Parameter objects as `old` (under ZeRO-3 they
+        stay partitioned, with their optimizer state; nothing of size m·n is allocated)."""
+        with torch.device("meta"):
+            new = cls(old.in_features, old.out_features, min(rank, u.shape[1]), u.shape[1], old.w0_mode,
+                      old.bias is not None, seed=old.seed)
+        new.u = nn.Parameter(u.to(dtype=old.u.dtype).clone())
+        new.v = nn.Parameter(v.to(dtype=old.v.dtype).clone())
+        new.w0 = old.w0
+        new.bias = old.bias
+        return new
 
     def with_capacity(self, capacity: int) -> "InRankLinear":
         """A new module with more capacity: old factors copied, new U columns zero, new V columns seeded random."""

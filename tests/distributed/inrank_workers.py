@@ -85,3 +85,20 @@ def fsdp2_inrank_worker(rank: int, world: int):
     controller = LowRankController(backend, cfg)
     controller.start()
     return run_inrank(backend, controller, rank, world, batch=32)
+
+
+def deepspeed_inrank_worker(rank: int, world: int, stage: int):
+    from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
+    from dist_lowrank.config import config_from_dict
+    from dist_lowrank.controller import LowRankController
+    from dist_lowrank.inrank_model import to_inrank
+    from examples.common import mlp
+
+    cfg = config_from_dict(INRANK)
+    config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "steps_per_print": 10**9}
+    backend = DeepSpeedBackend(to_inrank(mlp(), cfg), config, lambda p: torch.optim.AdamW(p, lr=3e-3))
+    controller = LowRankController(backend, cfg)
+    controller.start()
+    return run_inrank(backend, controller, rank, world, batch=32)

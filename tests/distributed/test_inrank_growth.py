@@ -9,6 +9,16 @@ from tests.distributed.inrank_workers import ddp_inrank_worker, reference_inrank
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 
 
+def assert_losses_follow(r0: dict, r1: dict, reference: dict) -> None:
+    """Through the first growth (step 10) and after it the losses equal the reference's; later, bit-level
+    differences in reduction order grow where Adam meets ~0 gradients, so only 10-step means are compared."""
+    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert mean[:15] == pytest.approx(reference["losses"][:15], abs=1e-5)
+    windows = [sum(mean[i:i + 10]) / 10 for i in range(0, len(mean), 10)]
+    expected = [sum(reference["losses"][i:i + 10]) / 10 for i in range(0, len(mean), 10)]
+    assert windows == pytest.approx(expected, abs=0.1)
+
+
 def test_ddp_inrank_growth_matches_reference():
     r0, r1 = run_ranks(ddp_inrank_worker, timeout=180)
     reference = reference_inrank()
@@ -18,22 +28,23 @@ def test_ddp_inrank_growth_matches_reference():
     for r in (r0, r1):
         assert max(r["unchanged"]) < 1e-6  # growth leaves the model's output unchanged
         assert sum(r["losses"][-5:]) < sum(r["losses"][:5])
-    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
-    assert mean[:10] == pytest.approx(reference["losses"][:10], abs=1e-5)
-    assert mean[-10:] == pytest.approx(reference["losses"][-10:], abs=0.05)
+    assert_losses_follow(r0, r1, reference)
 
 
-def test_fsdp2_inrank_growth_matches_reference():
-    from tests.distributed.inrank_workers import fsdp2_inrank_worker
+@pytest.mark.parametrize("backend", ["fsdp2", "zero1", "zero2", "zero3"])
+def test_sharded_inrank_growth_matches_reference(backend):
+    from tests.distributed.inrank_workers import deepspeed_inrank_worker, fsdp2_inrank_worker
 
-    r0, r1 = run_ranks(fsdp2_inrank_worker, timeout=180)
+    if backend == "fsdp2":
+        r0, r1 = run_ranks(fsdp2_inrank_worker, timeout=180)
+    else:
+        r0, r1 = run_ranks(deepspeed_inrank_worker, args=(int(backend[-1]),), timeout=180)
     reference = reference_inrank()
     assert r0["decisions"] == r1["decisions"] == reference["decisions"]
     assert any(caps for *_, caps in reference["decisions"])
     for r in (r0, r1):
         assert max(r["unchanged"]) < 1e-6
-        assert all(b > 0 for b in r["gram_bytes"])  # sharded factors: the Grams are all-reduced
+        sharded = backend in ("fsdp2", "zero3")  # replicated factors (ZeRO-1/2) need no communication
+        assert all((b > 0) == sharded for b in r["gram_bytes"])
         assert sum(r["losses"][-5:]) < sum(r["losses"][:5])
-    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
-    assert mean[:10] == pytest.approx(reference["losses"][:10], abs=1e-5)
-    assert mean[-10:] == pytest.approx(reference["losses"][-10:], abs=0.05)
+    assert_losses_follow(r0, r1, reference)

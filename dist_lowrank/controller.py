@@ -153,6 +153,8 @@ class LowRankController:
                 measurements = self.backend.execute(Plan("grow", step, {n: widths[n] for n in plan.capacities},
                                                          capacities=dict(plan.capacities)))
             self.capacities.update(plan.capacities)
+        elif rule.cfg.fold_on_fix:  # efficient InRank: W0 + U Vᵀ becomes a pure factorization at rank r
+            measurements = self.backend.execute(Plan("switch", step, dict(plan.ranks)))
         else:
             measurements = {}
         self.ranks.update(plan.ranks)

@@ -21,16 +21,25 @@ def layer_fetcher(modules: dict, gather: Callable[[torch.Tensor], torch.Tensor],
                   biases: dict[str, Optional[torch.Tensor]]) -> Callable[[str], torch.Tensor]:
     """A `fetch_full_matrix` for factorize_spread: `gather` turns a (possibly sharded) parameter into
     its full tensor (collective); the layer's full bias is kept in `biases` for the new module."""
-    from dist_lowrank.layers import is_hf_conv1d
+    from dist_lowrank.layers import InRankLinear, is_hf_conv1d
 
     def fetch(name: str) -> torch.Tensor:
         layer = modules[name]
-        weight = gather(layer.weight).detach()
+        if isinstance(layer, InRankLinear):  # efficient InRank's fold: the effective W0 + U Vᵀ
+            r = layer.rank
+            weight = (gather(layer.u)[:, :r] @ gather(layer.v)[:, :r].T).detach()
+            if layer.w0 is not None:
+                weight = weight + gather(layer.w0).detach()
+        else:
+            weight = gather(layer.weight).detach()
         bias = getattr(layer, "bias", None)
         biases[name] = None if bias is None else gather(bias).detach()
         return weight.T if is_hf_conv1d(layer) else weight.reshape(weight.shape[0], -1)
 
     return fetch
+
+
+FP64_MAX_NUMEL = 1 << 20
 
 
 def owner_of(index: int, world_size: int) -> int:
@@ -80,7 +89,10 @@ def _factorize_own(mine, ranks, dtype, device):
     try:
         if full is None:
             raise RuntimeError(f"{name}: the owner rank did not receive the full weight")
-        a, b = truncated_svd_factors(full.to(torch.float32), ranks[name])
+        # fp64 is cheap and stable for nearly equal singular values on small layers; above ~1M elements
+        # fp32 LAPACK is about twice as fast and its round-off is far below the truncation error.
+        compute = torch.float64 if full.numel() <= FP64_MAX_NUMEL else torch.float32
+        a, b = truncated_svd_factors(full.to(torch.float32), ranks[name], compute_dtype=compute)
         return (a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()), None
     except Exception as exc:  # noqa: BLE001 - shared with every rank by _share, then raised
         return None, exc

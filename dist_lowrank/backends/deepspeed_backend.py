@@ -113,14 +113,12 @@ class DeepSpeedBackend(Backend):
     # -- switch and growth ------------------------------------------------------------------------
     def execute(self, plan: Plan) -> dict[str, Any]:
         """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow")."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
         if plan.kind == "grow":
             return self._grow(plan)
         modules = dict(self.engine.module.named_modules())
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
-        fetch = layer_fetcher(modules, lambda p: safe_get_full_fp32_param(p).detach().cpu(), biases)
+        fetch = layer_fetcher(modules, _full_fp32, biases)
         factors = factorize_spread(names, plan.ranks, fetch, dtype=torch.float32, device=comm_device())
         replacements, values = {}, {}
         for name in names:
@@ -229,8 +227,8 @@ class DeepSpeedBackend(Backend):
     @staticmethod
     def _factor_module(dense: nn.Module, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
         """A factorized module built without reading the dense (possibly partitioned) parameters."""
-        dtype = dense.weight.dtype
-        device = dense.weight.device
+        reference = next(dense.parameters())  # Linear / Conv2d weight, or an InRank layer's U (fold)
+        dtype, device = reference.dtype, reference.device
         new = empty_factorized(dense, a.shape[1], device=device, dtype=dtype).to(device=device, dtype=dtype)
         with torch.no_grad():
             new.first.weight.copy_(b.reshape(new.first.weight.shape))
@@ -331,6 +329,19 @@ class DeepSpeedBackend(Backend):
                     safe_set_full_fp32_param(param, full.to(param.device))
                 else:
                     safe_set_full_optimizer_state(param, full.to(param.device), key)
+
+def _full_fp32(param: torch.Tensor) -> torch.Tensor:
+    """The full fp32 value of a parameter (collective under ZeRO-3): the optimizer's master copy, or for
+    a frozen parameter (no master, e.g. InRank's W0) the gathered module parameter."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(param) if param.requires_grad else None
+    if value is None:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            value = param.detach().clone()
+    return value.detach().float().cpu()
+
 
 def _continue_scheduler(scheduler: Any, state: dict, n_groups: int) -> None:
     """Load the old scheduler position into the new one; per-group lists (torch schedulers) are

@@ -89,7 +89,7 @@ class FSDP2Backend(Backend):
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
         fetch = layer_fetcher(modules, _full, biases)
-        dtype = _local(modules[names[0]].weight).dtype
+        dtype = _local(next(modules[names[0]].parameters())).dtype
         factors = factorize_spread(names, plan.ranks, fetch, dtype=dtype, device=comm_device())
         sources: dict[str, torch.Tensor] = {}
         for name in names:
@@ -201,7 +201,7 @@ def _shard_like(value: Any, param: torch.Tensor) -> Any:
 
 
 def _factorized_like(dense: nn.Module, rank: int) -> nn.Module:
-    return empty_factorized(dense, rank, device="meta", dtype=dense.weight.dtype)
+    return empty_factorized(dense, rank, device="meta", dtype=next(dense.parameters()).dtype)
 
 
 def _inrank_like(old: InRankLinear, width: int, capacity: int) -> InRankLinear:

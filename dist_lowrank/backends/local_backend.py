@@ -17,9 +17,8 @@ from torch import nn
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.optim_state import embed_state, snapshot_state, transplant_state
 from dist_lowrank.device import comm_device
-from dist_lowrank.layers import weight_matrix
 from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread
+from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView
 from dist_lowrank.surgery import apply_rank_plan, count_parameters, replace_module
 
@@ -75,11 +74,11 @@ class LocalBackend(Backend):
         params_before = count_parameters(self.module)
         modules = dict(self.module.named_modules())
         names = sorted(plan.ranks)
-        first_weight = modules[names[0]].weight
-        factors = factorize_spread(names, plan.ranks, lambda n: weight_matrix(modules[n]).detach(),
-                                   dtype=first_weight.dtype, device=comm_device())
-        factors = {n: (a.to(first_weight.device), b.to(first_weight.device)) for n, (a, b) in factors.items()}
-        changed = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+        reference = next(modules[names[0]].parameters())
+        factors = factorize_spread(names, plan.ranks, layer_fetcher(modules, lambda p: p.detach(), {}),
+                                   dtype=reference.dtype, device=comm_device())
+        factors = {n: (a.to(reference.device), b.to(reference.device)) for n, (a, b) in factors.items()}
+        changed = {f"{n}.{leaf}" for n in names for leaf, _ in modules[n].named_parameters()}
         untouched = {n: p for n, p in self.module.named_parameters() if n not in changed}
         snapshot = snapshot_state(self.optimizer, untouched)
         scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None

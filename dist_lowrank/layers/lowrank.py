@@ -120,8 +120,8 @@ def build_factorized(dense: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.M
     """The factorized replacement of a Linear / Conv2d / HF Conv1D from precomputed factors."""
     if isinstance(dense, nn.Conv2d):
         return LowRankConv2d.from_factors(dense, a, b)
-    if isinstance(dense, nn.Linear) or is_hf_conv1d(dense):
-        return LowRankLinear.from_factors(dense, a, b)
+    if isinstance(dense, nn.Linear) or is_hf_conv1d(dense) or type(dense).__name__ == "InRankLinear":
+        return LowRankLinear.from_factors(dense, a, b)  # InRank: efficient InRank's fold
     raise TypeError(f"cannot factorize {type(dense).__name__}")
 
 

@@ -1,4 +1,4 @@
-"""Pure math on tensors: stable rank, Krylov σ_max, explained variance, truncated SVD."""
+"""Pure math on tensors (no torch.distributed): stable rank, Krylov σ_max, explained variance, truncated SVD."""
 from dist_lowrank.linalg.explained import explained_ratio, explained_variance_rank
 from dist_lowrank.linalg.krylov import sigma_max_batched, start_vector
 from dist_lowrank.linalg.stable_rank import SrankResult, as_matrix, stable_rank

@@ -12,6 +12,8 @@ import torch
 
 from dist_lowrank.linalg.krylov import sigma_max_batched
 
+METHODS = ("exact", "lanczos", "power")
+
 
 @dataclass(frozen=True)
 class SrankResult:
@@ -23,8 +25,15 @@ class SrankResult:
     status: str
 
 
+NONFINITE = SrankResult(math.nan, math.nan, math.nan, "nonfinite")
+ZERO = SrankResult(0.0, 0.0, 0.0, "zero")
+
+
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """fp64 2-D copy: conv (c_out, c_in, kh, kw) → (c_out, c_in·kh·kw); a vector → (1, n)."""
+    """Detached fp64 2-D view/copy: conv (c_out, c_in, kh, kw) → (c_out, c_in·kh·kw); a vector → (1, n).
+
+    fp64 because LAPACK has no half-precision SVD and srank of near-flat spectra needs the digits.
+    """
     w = weight.detach()
     if w.dim() == 0:
         w = w.reshape(1, 1)
@@ -36,18 +45,25 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20) -> SrankResult:
-    """Stable rank of one weight; `method` is "exact" (SVD), "lanczos" or "power" (`steps` iterations)."""
+    """Stable rank of one weight; `method` is "exact" (SVD), "lanczos" or "power" (`steps` iterations).
+
+    The matrix is scaled by its largest |entry| first: srank is scale-invariant, and this keeps
+    ‖W‖_F² from overflowing or underflowing (fro_sq and sigma_max are reported unscaled).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}; allowed: {', '.join(METHODS)}")
     w = as_matrix(weight)
     if not bool(torch.isfinite(w).all()):
-        return SrankResult(math.nan, math.nan, math.nan, "nonfinite")
-    fro_sq = float(w.square().sum())
-    if fro_sq == 0.0:
-        return SrankResult(0.0, 0.0, 0.0, "zero")
+        return NONFINITE
+    peak = float(w.abs().max()) if w.numel() else 0.0
+    if peak == 0.0:
+        return ZERO
+    x = w / peak
+    fro_unit = float(x.square().sum())
     if method == "exact":
-        sigma = float(torch.linalg.svdvals(w)[0])
-    elif method in ("lanczos", "power"):
-        sigma = sigma_max_batched(lambda vs: [w @ vs[0]], lambda us: [w.T @ us[0]], [tuple(w.shape)],
-                                  method=method, steps=steps)[0]
+        sigma_unit = float(torch.linalg.svdvals(x)[0])
     else:
-        raise ValueError(f"method: got {method!r}; allowed: exact, lanczos, power")
-    return SrankResult(fro_sq / (sigma * sigma), fro_sq, sigma, "ok")
+        sigma_unit = sigma_max_batched(lambda vs: [x @ vs[0]], lambda us: [x.T @ us[0]], [tuple(x.shape)],
+                                       method=method, steps=steps, device=x.device)[0]
+    value = fro_unit / (sigma_unit * sigma_unit) if sigma_unit > 0.0 else math.inf
+    return SrankResult(value, fro_unit * peak * peak, sigma_unit * peak, "ok")

@@ -31,49 +31,58 @@ def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
                 unchanged.append(float((backend.model(probe) - before).abs().max()))
             decisions.append((plan.step, plan.kind, dict(plan.ranks), dict(plan.capacities)))
     spectra = [e["gram_bytes"] for e in controller.events if e["event"] == "spectrum"]
-    return {"losses": losses, "unchanged": unchanged, "decisions": decisions, "gram_bytes": spectra}
+    layers = {n: (type(m).__name__, getattr(m, "rank", None)) for n, m in backend.unwrapped_model().named_modules()
+              if n in ("2", "4")}
+    return {"losses": losses, "unchanged": unchanged, "decisions": decisions, "gram_bytes": spectra,
+            "layers": layers}
 
 
-def ddp_inrank_worker(rank: int, world: int):
-    from dist_lowrank.backends.ddp_backend import DDPBackend
+def config(fold: bool):
+    """The InRank test config; fold=True adds efficient InRank (fix at step 20, fold into U·V)."""
     from dist_lowrank.config import config_from_dict
+
+
+    data = {**INRANK, "inrank": {**INRANK["inrank"], **({"fix_after": 20, "fold_on_fix": True} if fold else {})}}
+    return config_from_dict(data)
+
+
+def ddp_inrank_worker(rank: int, world: int, fold: bool = False):
+    from dist_lowrank.backends.ddp_backend import DDPBackend
     from dist_lowrank.controller import LowRankController
     from dist_lowrank.inrank_model import to_inrank
     from examples.common import mlp
 
-    cfg = config_from_dict(INRANK)
+    cfg = config(fold)
     backend = DDPBackend(to_inrank(mlp(), cfg), lambda p: torch.optim.AdamW(p, lr=3e-3))
     controller = LowRankController(backend, cfg)
     controller.start()
     return run_inrank(backend, controller, rank, world, batch=32)
 
 
-def reference_inrank() -> dict:
+def reference_inrank(fold: bool = False) -> dict:
     from dist_lowrank.backends.local_backend import LocalBackend
-    from dist_lowrank.config import config_from_dict
     from dist_lowrank.controller import LowRankController
     from dist_lowrank.inrank_model import to_inrank
     from examples.common import mlp
 
-    cfg = config_from_dict(INRANK)
+    cfg = config(fold)
     backend = LocalBackend(to_inrank(mlp(), cfg), lambda p: torch.optim.AdamW(p, lr=3e-3))
     controller = LowRankController(backend, cfg)
     controller.start()
     return run_inrank(backend, controller, 0, 1, batch=64)
 
 
-def fsdp2_inrank_worker(rank: int, world: int):
+def fsdp2_inrank_worker(rank: int, world: int, fold: bool = False):
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
     from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
-    from dist_lowrank.config import config_from_dict
     from dist_lowrank.controller import LowRankController
     from dist_lowrank.inrank_model import to_inrank
     from dist_lowrank.layers import InRankLinear
     from examples.common import mlp
 
-    cfg = config_from_dict(INRANK)
+    cfg = config(fold)
 
     def shard(model):
         for module in model:
@@ -87,18 +96,17 @@ def fsdp2_inrank_worker(rank: int, world: int):
     return run_inrank(backend, controller, rank, world, batch=32)
 
 
-def deepspeed_inrank_worker(rank: int, world: int, stage: int):
+def deepspeed_inrank_worker(rank: int, world: int, stage: int, fold: bool = False):
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
-    from dist_lowrank.config import config_from_dict
     from dist_lowrank.controller import LowRankController
     from dist_lowrank.inrank_model import to_inrank
     from examples.common import mlp
 
-    cfg = config_from_dict(INRANK)
-    config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
+    cfg = config(fold)
+    ds_config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "steps_per_print": 10**9}
-    backend = DeepSpeedBackend(to_inrank(mlp(), cfg), config, lambda p: torch.optim.AdamW(p, lr=3e-3))
+    backend = DeepSpeedBackend(to_inrank(mlp(), cfg), ds_config, lambda p: torch.optim.AdamW(p, lr=3e-3))
     controller = LowRankController(backend, cfg)
     controller.start()
     return run_inrank(backend, controller, rank, world, batch=32)

@@ -48,3 +48,21 @@ def test_sharded_inrank_growth_matches_reference(backend):
         assert all((b > 0) == sharded for b in r["gram_bytes"])
         assert sum(r["losses"][-5:]) < sum(r["losses"][:5])
     assert_losses_follow(r0, r1, reference)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3"])
+def test_efficient_inrank_fold_matches_reference(backend):
+    """Ranks fixed at step 20, W0 + U Vᵀ folded into U·V by truncated SVD; training goes on."""
+    from tests.distributed.inrank_workers import deepspeed_inrank_worker, fsdp2_inrank_worker
+
+    worker, args = {"ddp": (ddp_inrank_worker, (True,)), "fsdp2": (fsdp2_inrank_worker, (True,)),
+                    "zero3": (deepspeed_inrank_worker, (3, True))}[backend]
+    r0, r1 = run_ranks(worker, args=args, timeout=180)
+    reference = reference_inrank(fold=True)
+    assert r0["decisions"] == r1["decisions"] == reference["decisions"]
+    assert reference["decisions"][-1][:2] == (20, "fix")
+    fixed = reference["decisions"][-1][2]
+    assert r0["layers"] == r1["layers"] == reference["layers"] == {n: ("LowRankLinear", r) for n, r in fixed.items()}
+    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert mean[:15] == pytest.approx(reference["losses"][:15], abs=1e-5)
+    assert sum(mean[-5:]) < sum(mean[:5])

@@ -32,10 +32,11 @@ class MonitorConfig:
         "estimate every N epochs instead (needs steps_per_epoch); null = use cadence_steps", default=None
     )
     method: Literal["lanczos", "power", "exact"] = _help(
-        "sigma_max estimator: Golub-Kahan-Lanczos (default, <1% error at 20 steps), power iteration, or exact SVD",
+        "sigma_max estimator: Golub-Kahan-Lanczos (default), power iteration, or exact SVD",
         default="lanczos",
     )
-    steps: int = _help("Krylov / power iterations per estimate (>= 1)", default=20)
+    steps: int = _help("Krylov / power iterations per estimate (>= 1); Lanczos: 30 keeps the worst error on "
+                       "random GPT-2-shaped weights under 1% (20: ~1.2%)", default=30)
 
 
 @dataclass

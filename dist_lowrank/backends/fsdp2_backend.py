@@ -207,3 +207,14 @@ def _factorized_like(dense: nn.Module, rank: int) -> nn.Module:
 def _inrank_like(old: InRankLinear, width: int, capacity: int) -> InRankLinear:
     return InRankLinear(old.in_features, old.out_features, width, capacity, old.w0_mode, old.bias is not None,
                         seed=old.seed)
+
+
+def shard_each_layer(model: nn.Module) -> nn.Module:
+    """A default `parallelize_fn`: `fully_shard` every submodule that owns parameters, then the root
+    (each layer's parameters are gathered only around its own forward/backward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name, module in list(model.named_modules()):
+        if name and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    return fully_shard(model)

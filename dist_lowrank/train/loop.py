@@ -21,6 +21,7 @@ from torch import nn
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.config import LowRankConfig, config_to_dict
 from dist_lowrank.controller import LowRankController
+from dist_lowrank.inrank_model import to_inrank
 from dist_lowrank.layers import frobenius_decay_
 from dist_lowrank.surgery import count_parameters
 from dist_lowrank.train.run_config import RunConfig
@@ -33,20 +34,33 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def make_backend(run: RunConfig, model: nn.Module, task: Task) -> Backend:
-    """The engine named in the run config, built around the task's model."""
+def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig) -> Backend:
+    """The engine named in the run config, around the task's model (in InRank form for InRank)."""
+    def model_fn() -> nn.Module:
+        model = task.model_fn()
+        return to_inrank(model, lowrank) if lowrank.strategy == "inrank" else model
+
     def optimizer_factory(params):
         return torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
 
     if run.backend == "local":
         from dist_lowrank.backends.local_backend import LocalBackend
 
-        return LocalBackend(model, optimizer_factory)
+        return LocalBackend(model_fn(), optimizer_factory)
     if run.backend == "ddp":
         from dist_lowrank.backends.ddp_backend import DDPBackend
 
-        return DDPBackend(model, optimizer_factory)
-    raise NotImplementedError(f"run.backend: {run.backend!r} is not wired into `dist-lowrank train` yet")
+        return DDPBackend(model_fn(), optimizer_factory)
+    if run.backend == "fsdp2":
+        from dist_lowrank.backends.fsdp2_backend import FSDP2Backend, shard_each_layer
+
+        return FSDP2Backend(model_fn, shard_each_layer, optimizer_factory)
+    from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
+
+    ds_config = {"train_micro_batch_size_per_gpu": run.batch_size, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": run.zero_stage, "stage3_param_persistence_threshold": 0},
+                 "steps_per_print": 10**9}
+    return DeepSpeedBackend(model_fn(), ds_config, optimizer_factory)
 
 
 class RunLogger:
@@ -85,6 +99,8 @@ class RunLogger:
             for name, value in record["sranks"].items():
                 if math.isfinite(value):
                     self.writer.add_scalar(f"lowrank/srank/{name}", value, step)
+        elif record.get("event") == "spectrum":
+            self.writer.add_scalar("comm/bytes_per_check/gram", record["gram_bytes"], step)
         elif record.get("event") in ("switch", "grow", "fix"):
             for name, rank in record["ranks"].items():
                 self.writer.add_scalar(f"lowrank/rank/{name}", rank, step)
@@ -101,9 +117,8 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     rank, world = _rank_world()
     torch.manual_seed(run.seed)
     task = build_task(run)
-    model = task.model_fn()
-    params_full = count_parameters(model)
-    backend = make_backend(run, model, task)
+    params_full = count_parameters(task.model_fn())
+    backend = make_backend(run, task, lowrank)
     logger = RunLogger(run.out_dir, enabled=rank == 0)
     logger.log({"event": "config", "run": vars(run), "lowrank": config_to_dict(lowrank), "world_size": world})
     steps_per_epoch = max(1, task.samples_per_epoch // (run.batch_size * world))

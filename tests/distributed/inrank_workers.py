@@ -10,13 +10,26 @@ INRANK = {"strategy": "inrank", "target_modules": ["2", "4"],
 STEPS = 40
 
 
+def untouched_state(backend, name: str = "0.weight") -> dict:
+    """Full Adam moments (+ fp32 master under DeepSpeed) of a parameter no growth touches."""
+    params = dict(backend.unwrapped_model().named_parameters())
+    param = params[name]
+    if hasattr(backend, "engine"):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        return {"fp32": safe_get_full_fp32_param(param).clone(),
+                **{k: safe_get_full_optimizer_state(param, k).clone() for k in ("exp_avg", "exp_avg_sq")}}
+    state = backend.optimizer.state[param]
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
+
+
 def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
     """Train STEPS steps; record decisions, whether each growth left the function unchanged, losses."""
     from examples.common import digits
 
     probe = torch.rand(5, 64, generator=torch.Generator().manual_seed(3))
     batches = digits(rank, world, batch=batch)
-    losses, unchanged, decisions = [], [], []
+    losses, unchanged, decisions, bitwise = [], [], [], []
     for step in range(1, STEPS + 1):
         x, y = next(batches)
         loss = F.cross_entropy(backend.model(x), y)
@@ -25,16 +38,21 @@ def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
         losses.append(float(loss.detach()))
         with torch.no_grad():
             before = backend.model(probe).clone()
+        check = controller.strategy.is_check_step(step)
+        state_before = untouched_state(backend) if check else None
         plan = controller.after_step(step, losses[-1])
         if plan is not None:
             with torch.no_grad():
                 unchanged.append(float((backend.model(probe) - before).abs().max()))
+            if plan.kind == "grow":
+                after = untouched_state(backend)
+                bitwise.append(all(torch.equal(after[k], v) for k, v in state_before.items()))
             decisions.append((plan.step, plan.kind, dict(plan.ranks), dict(plan.capacities)))
     spectra = [e["gram_bytes"] for e in controller.events if e["event"] == "spectrum"]
     layers = {n: (type(m).__name__, getattr(m, "rank", None)) for n, m in backend.unwrapped_model().named_modules()
               if n in ("2", "4")}
     return {"losses": losses, "unchanged": unchanged, "decisions": decisions, "gram_bytes": spectra,
-            "layers": layers}
+            "layers": layers, "untouched_bitwise": bitwise}
 
 
 def config(fold: bool):

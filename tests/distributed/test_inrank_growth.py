@@ -27,6 +27,7 @@ def test_ddp_inrank_growth_matches_reference():
     assert any(caps for *_, caps in reference["decisions"]), "at least one growth must reshard"
     for r in (r0, r1):
         assert max(r["unchanged"]) < 1e-6  # growth leaves the model's output unchanged
+        assert r["untouched_bitwise"] and all(r["untouched_bitwise"])  # other parameters' state bit for bit
         assert sum(r["losses"][-5:]) < sum(r["losses"][:5])
     assert_losses_follow(r0, r1, reference)
 
@@ -44,6 +45,7 @@ def test_sharded_inrank_growth_matches_reference(backend):
     assert any(caps for *_, caps in reference["decisions"])
     for r in (r0, r1):
         assert max(r["unchanged"]) < 1e-6
+        assert r["untouched_bitwise"] and all(r["untouched_bitwise"])
         sharded = backend in ("fsdp2", "zero3")  # replicated factors (ZeRO-1/2) need no communication
         assert all((b > 0) == sharded for b in r["gram_bytes"])
         assert sum(r["losses"][-5:]) < sum(r["losses"][:5])

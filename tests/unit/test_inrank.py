@@ -83,3 +83,23 @@ def test_inrank_needs_converted_model_and_linear_targets():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
     with pytest.raises(ConfigError, match="Conv2d"):
         to_inrank(conv, config_from_dict({"strategy": "inrank", "target_modules": ["0"]}))
+
+
+def test_reference_variant_without_w0_is_a_truncated_svd_that_grows():
+    """w0_mode "none" (the released InRank code: W = U Vᵀ only): spectral init at the trained width."""
+    cfg = config_from_dict({**INRANK, "inrank": {**INRANK["inrank"], "w0_mode": "none"}})
+    dense = mlp()
+    model = to_inrank(copy.deepcopy(dense), cfg)
+    layer = inrank_layers(model)["2"]
+    assert layer.w0 is None and layer.rank == 8
+    u, v = layer.lowrank_part()
+    s = torch.linalg.svdvals(dense[2].weight.detach().double())
+    err = torch.linalg.norm((dense[2].weight - u @ v.T).double())
+    assert float(err) == pytest.approx(float(s[8:].square().sum().sqrt()), rel=1e-4)
+    probe = torch.rand(3, 64)
+    with torch.no_grad():
+        before = model(probe)
+        bigger = layer.with_capacity(16)
+        bigger.grow(12)
+        model[2] = bigger
+        assert torch.allclose(model(probe), before, atol=1e-6)

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dist_lowrank.backends.local_backend import LocalBackend
 from dist_lowrank.config import config_from_dict
@@ -14,7 +13,7 @@ from dist_lowrank.errors import ConfigError
 from dist_lowrank.inrank_model import inrank_layers, to_inrank
 from dist_lowrank.layers import max_saving_rank
 from dist_lowrank.strategies import next_capacity
-from examples.common import digits, mlp
+from examples.common import mlp
 
 pytestmark = pytest.mark.unit
 
@@ -24,56 +23,29 @@ INRANK = {"strategy": "inrank", "target_modules": ["2", "4"],
 
 
 def test_growth_keeps_function_and_state_and_follows_capacity_schedule():
+    from tests.distributed.inrank_workers import reference_inrank
+
     cfg = config_from_dict(INRANK)
-    model = to_inrank(mlp(), cfg)
     # rank 2 + buffer 6 columns are trained; capacity = 8 rounded to the multiple 4
-    assert {n: (m.rank, m.capacity) for n, m in inrank_layers(model).items()} == {"2": (8, 8), "4": (8, 8)}
-    backend = LocalBackend(model, lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01))
-    controller = LowRankController(backend, cfg)
-    controller.start()
-    probe = torch.rand(5, 64)
-    batches = digits(batch=64)
-    losses, trajectory = [], {n: [2] for n in controller.names}
-    reshards = 0
-    for step in range(1, 81):
-        x, y = next(batches)
-        loss = F.cross_entropy(backend.model(x), y)
-        backend.backward(loss)
-        backend.step()
-        losses.append(float(loss.detach()))
-        with torch.no_grad():
-            before = backend.model(probe).clone()
-        named = dict(backend.module.named_parameters())
-        state_before = {n: copy.deepcopy(backend.optimizer.state[p]) for n, p in named.items() if n.startswith("0.")}
-        plan = controller.after_step(step, losses[-1])
-        if plan is None:
-            continue
-        assert plan.kind == "grow" and step >= 10 and (step - 10) % 5 == 0
-        with torch.no_grad():
-            assert torch.allclose(backend.model(probe), before, atol=1e-6)  # growth leaves the function unchanged
-        named = dict(backend.module.named_parameters())
-        for name, state in state_before.items():  # untouched parameters: state bit for bit
-            for key, value in state.items():
-                assert torch.equal(backend.optimizer.state[named[name]][key], value)
-        for name, rank in plan.ranks.items():
-            assert rank > trajectory[name][-1]  # never shrinks
-            trajectory[name].append(rank)
-        reshards += len(plan.capacities)
-    layers = inrank_layers(backend.module)
-    assert any(len(t) > 1 for t in trajectory.values()), "no growth happened"
-    expected = 0
-    for name, ranks in trajectory.items():
-        cap = 8
-        m, n = controller.dims[name]
-        for rank in ranks[1:]:
-            new = next_capacity(cap, min(rank + 6, max_saving_rank(m, n)), 1.5, 4, max_saving_rank(m, n))
-            expected += new != cap
-            cap = new
-        assert layers[name].capacity == cap and layers[name].rank == min(ranks[-1] + 6, max_saving_rank(m, n))
-    assert reshards == expected
-    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
-    spectra = [e for e in controller.events if e["event"] == "spectrum"]
-    assert spectra and all(e["gram_bytes"] == 0 for e in spectra)  # one process: nothing communicated
+    assert {n: (m.rank, m.capacity) for n, m in inrank_layers(to_inrank(mlp(), cfg)).items()} == \
+        {"2": (8, 8), "4": (8, 8)}
+    run = reference_inrank()  # one process: LocalBackend + controller, 40 steps on digits
+    assert run["decisions"], "no growth happened"
+    assert max(run["unchanged"]) < 1e-6 and all(run["untouched_bitwise"])
+    ranks, caps, reshards = {"2": 2, "4": 2}, {"2": 8, "4": 8}, 0
+    for step, kind, new_ranks, new_caps in run["decisions"]:
+        assert kind == "grow" and step >= 10 and (step - 10) % 5 == 0
+        for name, rank in new_ranks.items():
+            assert rank > ranks[name]  # never shrinks
+            m, n = (256, 256) if name == "2" else (128, 256)
+            expected = next_capacity(caps[name], min(rank + 6, max_saving_rank(m, n)), 1.5, 4, max_saving_rank(m, n))
+            assert new_caps.get(name, caps[name]) == expected  # the capacity schedule, exactly
+            reshards += expected != caps[name]
+            ranks[name], caps[name] = rank, expected
+        assert reshards == sum(len(c) for *_, c in run["decisions"][: run["decisions"].index((step, kind, new_ranks,
+                                                                                              new_caps)) + 1])
+    assert sum(run["losses"][-10:]) < 0.6 * sum(run["losses"][:10])
+    assert all(b == 0 for b in run["gram_bytes"])  # one process: nothing communicated
 
 
 def test_inrank_needs_converted_model_and_linear_targets():

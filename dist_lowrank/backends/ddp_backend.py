@@ -5,7 +5,7 @@ built over the new parameters (the only supported way to change a DDP model's pa
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -20,8 +20,10 @@ class DDPBackend(LocalBackend):
     name = "ddp"
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory,
-                 scheduler_factory: Optional[SchedulerFactory] = None, ddp_kwargs: Optional[dict[str, Any]] = None):
+                 scheduler_factory: Optional[SchedulerFactory] = None, ddp_kwargs: Optional[dict[str, Any]] = None,
+                 comm_hook: Optional[Callable] = None):
         self.ddp_kwargs = dict(ddp_kwargs or {})
+        self.comm_hook = comm_hook  # e.g. telemetry.comm.CommCounter.ddp_hook(); re-registered after rebuilds
         super().__init__(model.to(default_device()), optimizer_factory, scheduler_factory)
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -29,4 +31,7 @@ class DDPBackend(LocalBackend):
         kwargs = dict(self.ddp_kwargs)
         if device.type == "cuda":
             kwargs.setdefault("device_ids", [device.index])
-        return DistributedDataParallel(module, **kwargs)
+        wrapped = DistributedDataParallel(module, **kwargs)
+        if self.comm_hook is not None:
+            wrapped.register_comm_hook(None, self.comm_hook)
+        return wrapped

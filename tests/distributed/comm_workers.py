@@ -1,0 +1,51 @@
+"""Measured bytes per step (our counter) on each backend, before and after a switch."""
+from __future__ import annotations
+
+from tests.distributed.switch_common import PLAN_RANKS, local_batch, loss_fn, make_model, optimizer_factory
+
+
+def _steps(backend, counter, first: int, count: int, rank: int, world: int) -> dict:
+    from dist_lowrank.telemetry.analytic import family
+
+    counter.reset()
+    for step in range(first, first + count):
+        backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
+        backend.step()
+    out: dict[str, float] = {}
+    for op, value in counter.bytes.items():
+        out[family(op)] = out.get(family(op), 0.0) + value / count
+    return out
+
+
+def comm_worker(rank: int, world: int, name: str):
+    from dist_lowrank.plan import Plan
+    from dist_lowrank.telemetry.comm import CommCounter
+
+    counter = CommCounter().install()  # before DeepSpeed builds its comm backend
+    if name == "ddp":
+        from dist_lowrank.backends.ddp_backend import DDPBackend
+
+        backend = DDPBackend(make_model(), optimizer_factory, comm_hook=counter.ddp_hook())
+    elif name == "fsdp2":
+        from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
+        from tests.distributed.fsdp_workers import parallelize
+
+        backend = FSDP2Backend(make_model, parallelize, optimizer_factory)
+    else:
+        from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
+        from tests.distributed.ds_workers import ds_config
+
+        backend = DeepSpeedBackend(make_model(), ds_config(int(name[-1]), world), optimizer_factory)
+
+    def shapes():
+        return [tuple(getattr(p, "ds_shape", p.shape)) for p in backend.unwrapped_model().parameters()
+                if p.requires_grad]
+
+    _steps(backend, counter, 0, 1, rank, world)  # warm-up (lazy state, first gathers)
+    full = _steps(backend, counter, 1, 3, rank, world)
+    full_shapes = shapes()
+    backend.execute(Plan("switch", 4, dict(PLAN_RANKS)))
+    _steps(backend, counter, 4, 1, rank, world)
+    low = _steps(backend, counter, 5, 3, rank, world)
+    counter.uninstall()
+    return {"full": full, "low": low, "full_shapes": full_shapes, "low_shapes": shapes()}

@@ -1,4 +1,4 @@
-"""`dist-lowrank train CONFIG [--override key=value ...]` (report and inspect come with telemetry)."""
+"""`dist-lowrank train CONFIG [--override key=value ...]` and `dist-lowrank report RUN_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from dist_lowrank.telemetry.report import render_markdown, write_report
+
+    print(render_markdown(write_report(args.run_dir)), end="")
+    print(f"written: {args.run_dir}/report.md, report.json, srank.png, savings.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-lowrank", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,11 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. lowrank.strategy=none (repeatable)")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    report = sub.add_parser("report", help="Markdown/JSON report and PNG plots of a finished run")
+    report.add_argument("run_dir", help="the run's out_dir (holds events.jsonl)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "report":
+            return _report(args)
     except DistLowRankError as exc:
         print(f"dist-lowrank: error: {exc}", file=sys.stderr)
         return 2

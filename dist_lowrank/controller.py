@@ -176,6 +176,7 @@ class LowRankController:
         self.ranks.update(plan.ranks)
         self.modules = {n: m for n, m in self.modules.items() if n not in plan.ranks}
         self._emit({"event": plan.kind, "step": plan.step, "ranks": dict(plan.ranks), "reasons": dict(plan.reasons),
+                    "dims": {n: list(self.dims[n]) for n in set(plan.ranks) | set(plan.reasons) if n in self.dims},
                     "timing": timing, "measurements": measurements})
         return plan
 

@@ -24,6 +24,8 @@ from dist_lowrank.controller import LowRankController
 from dist_lowrank.inrank_model import to_inrank
 from dist_lowrank.layers import frobenius_decay_
 from dist_lowrank.surgery import count_parameters
+from dist_lowrank.telemetry.analytic import expected_step_bytes, family
+from dist_lowrank.telemetry.comm import CommCounter
 from dist_lowrank.train.run_config import RunConfig
 from dist_lowrank.train.tasks import Task, build_task
 
@@ -34,7 +36,16 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig) -> Backend:
+def comm_model_name(run: RunConfig) -> Optional[str]:
+    """The analytic communication model that describes this run's backend (None: nothing communicated)."""
+    return {"local": None, "ddp": "ddp", "fsdp2": "fsdp2"}.get(run.backend, f"zero{run.zero_stage}")
+
+
+def trainable_shapes(model: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(getattr(p, "ds_shape", p.shape)) for p in model.parameters() if p.requires_grad]
+
+
+def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig, comm_hook=None) -> Backend:
     """The engine named in the run config, around the task's model (in InRank form for InRank)."""
     def model_fn() -> nn.Module:
         model = task.model_fn()
@@ -50,7 +61,7 @@ def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig) -> Backend:
     if run.backend == "ddp":
         from dist_lowrank.backends.ddp_backend import DDPBackend
 
-        return DDPBackend(model_fn(), optimizer_factory)
+        return DDPBackend(model_fn(), optimizer_factory, comm_hook=comm_hook)
     if run.backend == "fsdp2":
         from dist_lowrank.backends.fsdp2_backend import FSDP2Backend, shard_each_layer
 
@@ -87,10 +98,17 @@ class RunLogger:
             return
         step = int(record.get("step", 0))
         if record.get("event") == "train":
-            for key in ("loss", "step_time", "samples_per_sec", "params"):
-                if key in record:
-                    group = "perf" if key in ("step_time", "samples_per_sec") else "train"
-                    self.writer.add_scalar(f"{group}/{key}", record[key], step)
+            self.writer.add_scalar("train/loss", record["loss"], step)
+            self.writer.add_scalar("perf/step_time", record["step_time"], step)
+            self.writer.add_scalar("perf/samples_per_sec", record["samples_per_sec"], step)
+            self.writer.add_scalar("perf/tokens_per_sec", record["tokens_per_sec"], step)
+            self.writer.add_scalar("lowrank/params", record["params"], step)
+            self.writer.add_scalar("lowrank/compression_ratio", record["compression_ratio"], step)
+            for op, value in record.get("comm_bytes_per_step", {}).items():
+                self.writer.add_scalar(f"comm/bytes_per_step/{op}", value, step)
+        elif record.get("event") == "comm_model":
+            for op, value in record["expected"].items():
+                self.writer.add_scalar(f"comm/analytic_bytes_per_step/{op}", value, step)
         elif record.get("event") == "eval":
             for key, value in record.items():
                 if key.startswith("val_"):
@@ -104,6 +122,7 @@ class RunLogger:
         elif record.get("event") in ("switch", "grow", "fix"):
             for name, rank in record["ranks"].items():
                 self.writer.add_scalar(f"lowrank/rank/{name}", rank, step)
+            self.writer.add_scalar(f"lowrank/events/{record['event']}", len(record["ranks"]), step)
 
     def close(self) -> None:
         if self.enabled:
@@ -118,9 +137,22 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     torch.manual_seed(run.seed)
     task = build_task(run)
     params_full = count_parameters(task.model_fn())
-    backend = make_backend(run, task, lowrank)
+    counter = CommCounter().install()  # before DeepSpeed builds its comm backend
+    backend = make_backend(run, task, lowrank, comm_hook=counter.ddp_hook())
     logger = RunLogger(run.out_dir, enabled=rank == 0)
     logger.log({"event": "config", "run": vars(run), "lowrank": config_to_dict(lowrank), "world_size": world})
+    model_name = comm_model_name(run)
+
+    def log_comm_model(step: int, phase: str) -> None:
+        expected = expected_step_bytes(model_name, trainable_shapes(backend.unwrapped_model()), world) \
+            if model_name and world > 1 else {}
+        logger.log({"event": "comm_model", "step": step, "phase": phase, "model": model_name, "expected": expected,
+                    "params": count_parameters(backend.unwrapped_model())})
+
+    phase = "full"
+    log_comm_model(0, phase)
+    window: dict[str, float] = {}
+    window_steps = 0
     steps_per_epoch = max(1, task.samples_per_epoch // (run.batch_size * world))
     controller: Optional[LowRankController] = None
     if lowrank.strategy != "none":
@@ -146,7 +178,15 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
         backend.step()
         loss_value = float(loss.detach())
         step_time = time.perf_counter() - start
+        for op, value in counter.bytes.items():  # training traffic only: controller work is not a step's
+            window[family(op)] = window.get(family(op), 0.0) + value
+        window_steps += 1
+        counter.reset()
         plan = controller.after_step(step, loss_value) if controller else None
+        counter.reset()
+        if plan is not None and plan.ranks:
+            phase = "low" if plan.kind in ("switch", "fix") else f"grown@{step}"
+            log_comm_model(step, phase)
         if plan is not None and plan.kind == "switch":
             switch_step = step
             if rank == 0:
@@ -155,9 +195,14 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if step % run.log_every == 0 or step == run.steps:
-            logger.log({"event": "train", "step": step, "loss": loss_value, "step_time": step_time,
-                        "samples_per_sec": run.batch_size * world / step_time,
-                        "params": count_parameters(backend.unwrapped_model())})
+            params_now = count_parameters(backend.unwrapped_model())
+            samples_per_sec = run.batch_size * world / step_time
+            logger.log({"event": "train", "step": step, "phase": phase, "loss": loss_value, "step_time": step_time,
+                        "samples_per_sec": samples_per_sec,
+                        "tokens_per_sec": samples_per_sec * task.tokens_per_sample,
+                        "params": params_now, "compression_ratio": params_full / params_now,
+                        "comm_bytes_per_step": {op: v / window_steps for op, v in window.items()}})
+            window, window_steps = {}, 0
         if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
             metrics = task.evaluate(backend.unwrapped_model())
             evals.append({"step": step, **metrics})
@@ -165,6 +210,7 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
             if rank == 0:
                 tqdm.write(f"[step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     bar.close()
+    counter.uninstall()
     summary = {
         "task": run.task, "backend": run.backend, "world_size": world, "strategy": lowrank.strategy,
         "steps": run.steps, "wall_seconds": time.perf_counter() - wall_start, "switch_step": switch_step,
@@ -177,4 +223,7 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     if rank == 0:
         Path(run.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(run.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        from dist_lowrank.telemetry.report import render_markdown, write_report
+
+        print(render_markdown(write_report(run.out_dir)), end="")
     return summary

@@ -173,6 +173,7 @@ class LowRankController:
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)
         measurements = self.backend.execute(plan) if plan.ranks else {}
+        measurements = {"per_rank": self.coordinator.gather_objects(measurements), **measurements}
         self.ranks.update(plan.ranks)
         self.modules = {n: m for n, m in self.modules.items() if n not in plan.ranks}
         self._emit({"event": plan.kind, "step": plan.step, "ranks": dict(plan.ranks), "reasons": dict(plan.reasons),

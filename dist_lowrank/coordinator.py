@@ -78,6 +78,14 @@ class Coordinator:
             raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}") from error
         raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}")
 
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order, on every rank (small records such as switch measurements)."""
+        if not _distributed():
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def all_true(self, flag: bool) -> bool:
         """Collective AND (used for 'was this step finite on every rank')."""
         if not _distributed():

@@ -7,7 +7,8 @@ Neither DeepSpeed nor torch supports changing a parameter's shape in place, so a
    partition (`safe_get_local_*`, no communication; partitions of an untouched parameter are the
    same in the new engine), ZeRO-1/2: the full tensors (`safe_get_full_*`; the flat partitions are
    laid out anew, so local fragments do not map) — plus the engine's step counters and scheduler;
-3. the old engine is destroyed (its ZeRO-3 hooks removed); factorized modules replace the layers in
+3. the old engine is destroyed (its hooks, ZeRO-3's per-module backward Functions and ZeRO-3's
+   class-level param-release memo removed, so nothing keeps it or the replaced parameters alive); factorized modules replace the layers in
    the same module (ZeRO-3 converts the new parameters to partitioned ones like the others);
 4. a new `deepspeed.initialize` with a new client optimizer whose last param group holds the new
    factors (ZeRO keeps one Adam step counter per flat group: a group of their own lets the factors
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_lowrank.backends.base import Backend
+from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
 from dist_lowrank.device import comm_device
@@ -112,9 +114,21 @@ class DeepSpeedBackend(Backend):
 
     # -- switch and growth ------------------------------------------------------------------------
     def execute(self, plan: Plan) -> dict[str, Any]:
-        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow")."""
-        if plan.kind == "grow":
-            return self._grow(plan)
+        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow").
+
+        Measurements cover the whole change (gathers and SVDs included): `seconds`, `peak_rss_delta_mb`
+        (highest RSS during the change minus RSS before it), `peak_rss_mb` (process lifetime peak),
+        `layers`, `params_before`, `params_after`.
+        """
+        start, rss_before = time.perf_counter(), peak_rss_mb()
+        with RssPeak() as rss:
+            result = self._grow(plan) if plan.kind == "grow" else self._switch(plan)
+        result.update({"seconds": time.perf_counter() - start, "peak_rss_delta_mb": rss.delta_mb,
+                       "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before})
+        return result
+
+    def _switch(self, plan: Plan) -> dict[str, Any]:
+        """Factorize plan.ranks: one full fp32 master layer at a time, SVDs spread over the ranks."""
         modules = dict(self.engine.module.named_modules())
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
@@ -159,7 +173,6 @@ class DeepSpeedBackend(Backend):
 
         values: full fp32 masters of the parameters that changed; states: their full moments (absent ⇒ zero).
         """
-        start, rss_before = time.perf_counter(), peak_rss_mb()
         module = self.engine.module
         params_before = count_parameters(module)
         old_modules = dict(module.named_modules())
@@ -199,30 +212,24 @@ class DeepSpeedBackend(Backend):
         self._restore(new_named, snapshot)
         self._write_full(new_named, values, states)
         gc.collect()
-        return {"seconds": time.perf_counter() - start, "params_before": params_before,
-                "params_after": count_parameters(self.engine.module), "layers": len(replacements),
-                "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before}
+        return {"params_before": params_before, "params_after": count_parameters(self.engine.module),
+                "layers": len(replacements)}
 
     def _release_engine(self) -> None:
-        """Destroy the engine and remove the module hooks `destroy()` leaves behind (they would keep
-        the old engine, its optimizer and the old parameters alive, and run on the next forward)."""
+        """Destroy the engine and undo what `destroy()` leaves behind on the module we keep: the engine's
+        forward hooks, ZeRO-3's per-module backward Functions, and ZeRO-3's class-level memo. Each of
+        them would keep the old engine, its optimizer, trace and replaced parameters alive (checked with
+        weakrefs in the tests), and the first two would run on the next forward/backward."""
         engine, self.engine = self.engine, None
+        module = engine.module
         engine.destroy()
+        _forget_zero3_backward_functions(module)
         for attr in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
             handle = getattr(engine, attr, None)
             if handle is not None:
                 handle.remove()
                 setattr(engine, attr, None)
-        # Under ZeRO-3 something outside Python's view can keep the destroyed engine object alive; empty
-        # it so that whatever still points at it holds no optimizer state, partitions or module.
-        zero = getattr(engine, "optimizer", None)
-        base = getattr(zero, "optimizer", None)
-        if isinstance(base, torch.optim.Optimizer):
-            base.state.clear()
-            base.param_groups.clear()
-        if zero is not None and hasattr(zero, "__dict__"):
-            zero.__dict__.clear()
-        engine.__dict__.clear()
+        _clear_zero3_release_cache()
 
     @staticmethod
     def _factor_module(dense: nn.Module, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
@@ -341,6 +348,36 @@ def _full_fp32(param: torch.Tensor) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             value = param.detach().clone()
     return value.detach().float().cpu()
+
+
+def _forget_zero3_backward_functions(module: nn.Module) -> None:
+    """Drop the autograd Functions ZeRO-3 stores on each submodule (`pre_bwd_fn`, `post_bwd_fn`).
+
+    They close over the engine's `DeepSpeedZeRoOffload`, and a new engine registers its own only where
+    they are absent: left in place, the modules we keep would run the *old* engine's backward fetch and
+    release (and keep its coordinator, trace and replaced parameters alive).
+    """
+    for sub in module.modules():
+        for attr in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt"):
+            sub.__dict__.pop(attr, None)
+
+
+def _clear_zero3_release_cache() -> None:
+    """Empty ZeRO-3's class-level `lru_cache` on `PartitionedParameterCoordinator.__params_to_release`.
+
+    Its keys are (coordinator, module, step): a process-wide root that keeps every old coordinator, the
+    replaced modules and their parameters (partitions included) alive after `destroy()`. It is only a
+    memo of which params a module releases, so clearing it costs one recomputation per module.
+    """
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:
+        return
+    fn = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    cells = getattr(fn, "__closure__", None) or ()  # wrapped by instrument_w_nvtx (no functools.wraps)
+    for candidate in (fn, getattr(fn, "__wrapped__", None), *(c.cell_contents for c in cells)):
+        if hasattr(candidate, "cache_clear"):
+            candidate.cache_clear()
 
 
 def _continue_scheduler(scheduler: Any, state: dict, n_groups: int) -> None:

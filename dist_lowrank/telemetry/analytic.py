@@ -7,9 +7,10 @@ all-reduce (see telemetry.comm). Per optimizer step with fp32 parameters/gradien
   gradients; each parameter's dim 0 padded to a multiple of p: 3(p−1)/p · b·Σ pad₀(N).
 - DeepSpeed ZeRO-1/2 as deepspeed 0.19.8 runs here (gloo): gradients all-reduced, then the updated fp32
   partitions all-gathered into the flat buffer (padded to a multiple of p): 2(p−1)/p·b·ΣN + (p−1)/p·b·pad(ΣN).
-- DeepSpeed ZeRO-3: one all-gather of every (per-parameter padded) partition per step while the model fits
-  in `stage3_max_live_parameters` (the backward reuses what the forward gathered), a second one otherwise,
-  and a reduce-scatter of the gradients: (g+1)(p−1)/p · b·Σ pad(N), g ∈ {1, 2}.
+- DeepSpeed ZeRO-3: all-gathers of every (per-parameter padded) partition — once in the forward, and again
+  in the backward for whatever DeepSpeed's parameter trace released in between (so g ∈ [1, 2] gathers per
+  step; on the small test models here usually 1) — and a reduce-scatter of the gradients:
+  (g+1)(p−1)/p · b·Σ pad(N).
 The comm test checks the measured counter against these within 2%; tools/comm_at_scale.py uses them for
 model shapes and world sizes that cannot run here.
 """

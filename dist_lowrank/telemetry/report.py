@@ -140,8 +140,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"| {_fmt(layer['params_after'])} | {layer['reason']} |")
     if report["switch"]:
         cost = report["switch"]["cost"]
-        lines += ["", "## Switch cost", "", f"- {_fmt(cost.get('seconds'), 3)} s, peak RSS {_fmt(cost.get('peak_rss_mb'), 0)} MB "
-                  f"(+{_fmt(cost.get('peak_rss_growth_mb'), 0)} MB during the switch)"]
+        step_time = report["phases"].get("full", {}).get("step_time")
+        lines += ["", "## Switch cost (per rank)", "", "| rank | seconds | in steps | peak RSS MB | growth MB |",
+                  "|---|---|---|---|---|"]
+        for rank, m in enumerate(cost.get("per_rank") or [cost]):
+            steps = m.get("seconds") / step_time if step_time and m.get("seconds") is not None else None
+            lines.append(f"| {rank} | {_fmt(m.get('seconds'), 3)} | {_fmt(steps, 1)} | {_fmt(m.get('peak_rss_mb'), 0)} "
+                         f"| {_fmt(m.get('peak_rss_growth_mb'), 0)} |")
     lines += ["", "Plots: `srank.png` (stable-rank trajectories, switch marked), `savings.png` (params and comm)."]
     return "\n".join(lines) + "\n"
 

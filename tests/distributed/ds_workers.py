@@ -5,6 +5,8 @@ import gc
 import weakref
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tests.distributed.switch_common import (train_after_switch, GLOBAL_BATCH, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input,
                                       local_batch, loss_fn, make_model, optimizer_factory, scheduler_factory)
@@ -35,6 +37,65 @@ def _gathered(module):
         return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+CONV_RANKS = {"features.2": 4, "proj": 5}
+
+
+class ConvNet(nn.Module):
+    """Conv2d layers and a GPT-2 style HF Conv1D (weight stored in×out): the non-Linear layouts."""
+
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 12, 3, padding=1),
+                                      nn.Tanh())
+        self.proj = Conv1D(20, 12 * 16)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(self.features(x).flatten(1))))
+
+
+def make_conv_model() -> ConvNet:
+    torch.manual_seed(0)
+    return ConvNet()
+
+
+def conv_batch(step: int, rank: int, world: int):
+    gen = torch.Generator().manual_seed(2000 + step)
+    x = torch.randn(GLOBAL_BATCH, 3, 4, 4, generator=gen)
+    y = (x[:, 0].sum((1, 2)) > 0).long() + (x[:, 1, 0, 0] > 1).long()
+    per = GLOBAL_BATCH // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def conv_input() -> torch.Tensor:
+    return torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(9))
+
+
+def ds_conv_switch(rank: int, world: int, stage: int) -> dict:
+    """Conv2d + Conv1D under ZeRO: shard views in stored layout, switch output vs a reference."""
+    from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
+    from dist_lowrank.plan import Plan
+
+    backend = DeepSpeedBackend(make_conv_model(), ds_config(stage, world), optimizer_factory)
+    for step in range(2):
+        x, y = conv_batch(step, rank, world)
+        backend.backward(F.cross_entropy(backend.model(x), y))
+        backend.step()
+    views = [(v.name, v.dims, v.flat_offset, v.local_flat.clone(), v.replicated)
+             for v in backend.shard_views(sorted(CONV_RANKS))]
+    full_before = _gathered(backend.engine.module)
+    backend.execute(Plan("switch", 2, dict(CONV_RANKS)))
+    with torch.no_grad():
+        out = backend.model(conv_input())
+    x, y = conv_batch(2, rank, world)
+    loss = F.cross_entropy(backend.model(x), y)
+    backend.backward(loss)
+    backend.step()
+    return {"views": views, "full_before": full_before, "out": out, "loss": float(loss.detach())}
+
+
 def ds_switch_worker(rank: int, world: int, stage: int):
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
     from dist_lowrank.plan import Plan
@@ -60,7 +121,7 @@ def ds_switch_worker(rank: int, world: int, stage: int):
     steps_before = backend.engine.global_steps
     measurements = backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
     gc.collect()
-    released = old_state_ref() is None and (stage == 3 or (old_ref() is None and old_engine_ref() is None))
+    released = old_state_ref() is None and old_ref() is None and old_engine_ref() is None
     state_after = _full_states(backend, UNTOUCHED)
     names = [n for n, _ in backend.engine.module.named_parameters()]
     factor_names = [n for n in names if n not in UNTOUCHED]
@@ -78,4 +139,4 @@ def ds_switch_worker(rank: int, world: int, stage: int):
             "factor_moments_zero": factor_moments_zero, "partitioned": partitioned, "out": out, "losses": losses,
             "final": final, "released": released, "factors_changed": factors_changed,
             "steps": (steps_before, backend.engine.global_steps), "measurements": measurements,
-            "estimates": estimates, "monitor_bytes": monitor_bytes}
+            "estimates": estimates, "monitor_bytes": monitor_bytes, "conv": ds_conv_switch(rank, world, stage)}

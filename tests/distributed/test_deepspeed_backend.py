@@ -1,12 +1,15 @@
 """DeepSpeed ZeRO-1/2/3 switch on 2 gloo ranks vs a single-process reference computed in the same test."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from tests.distributed.ds_workers import ds_switch_worker
-from tests.distributed.switch_common import (POST_STEPS, PRE_STEPS, UNTOUCHED, assert_estimates,
-                                      factorized_reference_output, reference_run)
+from dist_lowrank.surgery import apply_rank_plan
+from tests.distributed.ds_workers import CONV_RANKS, conv_input, ds_switch_worker, make_conv_model
+from tests.distributed.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, assert_estimates,
+                                             factorized_reference_output, reference_run)
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
@@ -17,13 +20,7 @@ def test_deepspeed_switch_matches_reference_and_keeps_state(stage):
     ranks = run_ranks(ds_switch_worker, args=(stage,), timeout=240)
     reference = reference_run()
     r0, r1 = ranks
-    for i, (name, dims, _, _, replicated) in enumerate(r0["views"]):
-        full = r0["full_before"][f"{name}.weight"].reshape(-1)
-        if replicated:
-            assert stage < 3 and torch.equal(r0["views"][i][3], full)
-        else:  # ZeRO-3 partitions tile the flattened weight
-            pieces = sorted([(r["views"][i][2], r["views"][i][3]) for r in ranks], key=lambda t: t[0])
-            assert torch.equal(torch.cat([p for _, p in pieces]), full)
+    _check_views(ranks, r0["full_before"], stage)
     for name, tensor in r0["full_before"].items():
         assert torch.allclose(tensor, reference["full_before"][name], atol=1e-6), name
     assert_estimates(ranks, r0["full_before"], sharded=stage == 3)
@@ -36,7 +33,33 @@ def test_deepspeed_switch_matches_reference_and_keeps_state(stage):
         assert r["factor_moments_zero"] and r["released"] and r["factors_changed"]
         assert r["losses"][-1] < r["losses"][0]
         assert r["steps"] == (PRE_STEPS, PRE_STEPS + POST_STEPS)
+        m = r["measurements"]
+        assert m["layers"] == len(PLAN_RANKS) and m["params_after"] < m["params_before"]
+        assert m["seconds"] > 0 and m["peak_rss_delta_mb"] >= 0
         if stage == 3:
             assert r["partitioned"]
     for name, tensor in r0["final"].items():
         assert torch.allclose(tensor, reference["final"][name], atol=1e-4), name
+    conv = [r["conv"] for r in ranks]
+    _check_views(conv, conv[0]["full_before"], stage)
+    model = make_conv_model()
+    model.load_state_dict(conv[0]["full_before"])
+    apply_rank_plan(model, dict(CONV_RANKS))
+    with torch.no_grad():
+        expected_conv = model(conv_input())
+    for r in conv:
+        assert torch.allclose(r["out"], expected_conv, atol=1e-5)
+        assert math.isfinite(r["loss"])  # a training step runs on the conv / Conv1D factors
+
+
+def _check_views(results: list[dict], full_weights: dict, stage: int) -> None:
+    """Views are in the stored layout (dim 0 × rest); ZeRO-3 partitions tile the flattened weight."""
+    for i, (name, dims, _, local, replicated) in enumerate(results[0]["views"]):
+        weight = full_weights[f"{name}.weight"]
+        assert dims == (weight.shape[0], weight[0].numel()), name
+        full = weight.reshape(-1)
+        if replicated:
+            assert stage < 3 and torch.equal(local, full), name
+        else:
+            pieces = sorted([(r["views"][i][2], r["views"][i][3]) for r in results], key=lambda t: t[0])
+            assert stage == 3 and torch.equal(torch.cat([p for _, p in pieces]), full), name

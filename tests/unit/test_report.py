@@ -59,6 +59,8 @@ def test_report_numbers_match_the_logs(run_dir):
         assert points == [[e["step"], e["sranks"][name]] for e in estimates]
     ranks = {layer["layer"]: layer["rank"] for layer in report["layers"] if layer["rank"]}
     assert ranks == summary["ranks"]
+    per_rank = report["switch"]["cost"]["per_rank"]
+    assert len(per_rank) == 1 and per_rank[0]["seconds"] == report["switch"]["cost"]["seconds"]
     markdown = (run_dir / "report.md").read_text()
     assert f"{summary['params_full']:,}" in markdown and f"switch at step {summary['switch_step']}" in markdown
     import matplotlib.image

@@ -70,9 +70,62 @@ def fmnist_cnn(run: RunConfig) -> Task:
                 samples_per_epoch=train_x.shape[0])
 
 
+def shakespeare_gpt(run: RunConfig) -> Task:
+    """Character-level GPT on Shakespeare; whole plays held out for validation (validation loss in nats)."""
+    from dist_lowrank.data.shakespeare import CharTokenizer, load_plays
+    from dist_lowrank.models.gpt import GPT
+
+    train_text, val_text = load_plays()
+    tokenizer = CharTokenizer(train_text + val_text)
+    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+    if run.limit_train:
+        train_ids = train_ids[: run.limit_train + run.block_size + 1]
+    t = run.block_size
+
+    def windows(ids: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = starts[:, None] + torch.arange(t + 1)[None, :]
+        chunk = ids[offsets]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def batches(rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Step s draws one global batch from a generator seeded by (seed, s); rank r takes its slice."""
+        step = 0
+        while True:
+            gen = torch.Generator().manual_seed(run.seed * 1_000_003 + step)
+            starts = torch.randint(0, train_ids.numel() - t - 1, (run.batch_size * world,), generator=gen)
+            yield windows(train_ids, starts[rank * run.batch_size:(rank + 1) * run.batch_size])
+            step += 1
+
+    eval_count = run.eval_samples or 64
+    eval_starts = torch.randint(0, val_ids.numel() - t - 1, (eval_count,), generator=torch.Generator().manual_seed(7))
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        for start in range(0, eval_count, 16):
+            x, y = windows(val_ids, eval_starts[start:start + 16])
+            logits = model(x)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        model.train(was_training)
+        return {"val_loss": total / (eval_count * t)}
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def model_fn() -> nn.Module:
+        return GPT(tokenizer.vocab_size, t, run.n_layer, run.n_head, run.n_embd)
+
+    return Task("shakespeare_gpt", model_fn, batches, loss_fn, evaluate,
+                samples_per_epoch=max(1, train_ids.numel() // t), tokens_per_sample=t)
+
+
 def build_task(run: RunConfig) -> Task:
     """The task named in the run config."""
-    builders = {"fmnist_cnn": fmnist_cnn}
+    builders = {"fmnist_cnn": fmnist_cnn, "shakespeare_gpt": shakespeare_gpt}
     if run.task not in builders:
         from dist_lowrank.errors import ConfigError
 

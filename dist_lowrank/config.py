@@ -5,72 +5,73 @@ The same schema is read from YAML, JSON, a dict, or the `"lowrank"` section of a
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from dist_lowrank.config_io import (changed_keys, dataclass_from_dict, dataclass_to_dict, describe_schema, digest,
-                                    read_mapping, validate_regex)
+from dist_lowrank.config_io import (Range, apply_overrides, changed_keys, dataclass_from_dict, dataclass_to_dict,
+                                    digest, ge, gt, read_mapping, schema_rows, validate_regex)
 from dist_lowrank.errors import ConfigError
 
 __all__ = ["LowRankConfig", "MonitorConfig", "CuttlefishConfig", "InRankConfig", "FixedConfig", "SwitchConfig",
            "LoggingConfig", "config_from_dict", "config_to_dict", "load_config", "from_ds_config", "config_digest",
-           "changed_keys", "schema_markdown"]
+           "changed_keys", "apply_overrides", "describe_schema", "schema_markdown"]
 
 
-def _help(text: str, **kwargs):
-    """A dataclass field whose metadata carries the key's help text (shown in errors and docs)."""
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, check: Optional[Range] = None, **kwargs):
+    """A dataclass field whose metadata carries the key's help text and allowed range (errors and docs)."""
+    return field(metadata={"help": text, "check": check}, **kwargs)
 
 
 @dataclass
 class MonitorConfig:
     """How and when stable ranks are estimated."""
 
-    cadence_steps: int = _help("estimate every N optimizer steps (>= 1)", default=50)
+    cadence_steps: int = _help("estimate every N optimizer steps (>= 1)", check=ge(1), default=50)
     cadence_epochs: Optional[float] = _help(
-        "estimate every N epochs instead (needs steps_per_epoch); null = use cadence_steps", default=None
+        "estimate every N epochs instead (needs steps_per_epoch); null = use cadence_steps", check=gt(0), default=None
     )
     method: Literal["lanczos", "power", "exact"] = _help(
         "sigma_max estimator: Golub-Kahan-Lanczos (default), power iteration, or exact SVD",
         default="lanczos",
     )
     steps: int = _help("Krylov / power iterations per estimate (>= 1); Lanczos: 30 keeps the worst error on "
-                       "random GPT-2-shaped weights under 1% (20: ~1.2%)", default=30)
+                       "random GPT-2-shaped weights under 1% (20: ~1.2%)", check=ge(1), default=30)
 
 
 @dataclass
 class CuttlefishConfig:
     """Cuttlefish: switch when every tracked layer's stable rank has stopped moving."""
 
-    ema_window: int = _help("EMA window w of the srank history (alpha = 2/(w+1))", default=15)
-    last_k: int = _help("mean of the last k |d EMA| entries is compared with the threshold", default=11)
-    threshold: float = _help("a layer is stable when that mean is below this (> 0)", default=0.1)
+    ema_window: int = _help("EMA window w of the srank history (alpha = 2/(w+1))", check=ge(1), default=15)
+    last_k: int = _help("mean of the last k |d EMA| entries is compared with the threshold", check=ge(1), default=11)
+    threshold: float = _help("a layer is stable when that mean is below this (> 0)", check=gt(0), default=0.1)
     relax_threshold: bool = _help("relax the threshold as fewer layers remain unstable (reference)", default=True)
     rank_rule: Literal["scaled", "raw"] = _help(
         "scaled: r = ceil(xi * srank) with xi = min(m,n)/srank(W_0); raw: r = ceil(srank)", default="scaled"
     )
-    floor_fraction: float = _help("rank floor as a fraction of full rank, in [0, 1]", default=0.0)
-    min_switch_step: int = _help("never switch before this optimizer step", default=0)
-    max_switch_step: Optional[int] = _help("switch at this step at the latest, stable or not (null = never force)", default=None)
-    frobenius_decay: float = _help("Frobenius decay lambda on factor pairs after the switch (>= 0)", default=0.0)
+    floor_fraction: float = _help("rank floor as a fraction of full rank, in [0, 1]", check=Range(0, 1), default=0.0)
+    min_switch_step: int = _help("never switch before this optimizer step", check=ge(0), default=0)
+    max_switch_step: Optional[int] = _help("switch at this step at the latest, stable or not (null = never force)", check=ge(0), default=None)
+    frobenius_decay: float = _help("Frobenius decay lambda on factor pairs after the switch (>= 0)", check=ge(0), default=0.0)
 
 
 @dataclass
 class InRankConfig:
     """InRank: grow factor ranks while the explained ratio of the update says more rank is needed."""
 
-    init_rank: int = _help("starting rank of every factorized layer (>= 1)", default=8)
-    warmup: int = _help("optimizer steps before the first growth check", default=50)
-    gap: int = _help("optimizer steps between growth checks (>= 1)", default=50)
-    tau: float = _help("explained-ratio threshold g(k) > tau, in (0, 1)", default=0.9)
-    buffer: int = _help("search ranks in [r, r + buffer) (>= 1)", default=8)
-    growth_factor: float = _help("capacity grows geometrically by this factor (> 1)", default=1.5)
-    capacity_multiple: int = _help("capacities are rounded up to a multiple of this (>= 1)", default=8)
+    init_rank: int = _help("starting rank of every factorized layer (>= 1)", check=ge(1), default=8)
+    warmup: int = _help("optimizer steps before the first growth check", check=ge(0), default=50)
+    gap: int = _help("optimizer steps between growth checks (>= 1)", check=ge(1), default=50)
+    tau: float = _help("explained-ratio threshold g(k) > tau, in (0, 1)", check=Range(0, 1, lo_open=True, hi_open=True), default=0.9)
+    buffer: int = _help("search ranks in [r, r + buffer) (>= 1)", check=ge(1), default=8)
+    growth_factor: float = _help("capacity grows geometrically by this factor (> 1)", check=gt(1), default=1.5)
+    capacity_multiple: int = _help("capacities are rounded up to a multiple of this (>= 1)", check=ge(1), default=8)
     w0_mode: Literal["frozen", "trained", "none"] = _help(
         "W = W0 + U V with W0 frozen or trained; 'none' = W = U V only (the released reference)", default="frozen"
     )
-    fix_after: Optional[int] = _help("efficient InRank: fix ranks at this step (null = keep growing)", default=None)
+    fix_after: Optional[int] = _help("efficient InRank: fix ranks at this step (null = keep growing)", check=ge(0), default=None)
     fold_on_fix: bool = _help("on fix, fold W0 + U V into a pure factorization by truncated SVD", default=False)
 
 
@@ -78,8 +79,8 @@ class InRankConfig:
 class FixedConfig:
     """Fixed-ratio baseline (Pufferfish): every layer at ratio * full rank after a warm-up."""
 
-    ratio: float = _help("rank = ceil(ratio * min(m, n)), in (0, 1]", default=0.25)
-    warmup_steps: int = _help("full-rank steps before the switch (>= 0)", default=0)
+    ratio: float = _help("rank = ceil(ratio * min(m, n)), in (0, 1]", check=Range(0, 1, lo_open=True), default=0.25)
+    warmup_steps: int = _help("full-rank steps before the switch (>= 0)", check=ge(0), default=0)
 
 
 @dataclass
@@ -87,8 +88,8 @@ class SwitchConfig:
     """How the switch is carried out."""
 
     profile_layers: bool = _help("time each candidate dense vs factorized; keep dense where not faster", default=True)
-    profile_iters: int = _help("forward+backward passes per candidate when profiling (>= 1)", default=3)
-    min_speedup: float = _help("factorize only if dense_time / factorized_time >= this (> 0)", default=1.0)
+    profile_iters: int = _help("forward+backward passes per candidate when profiling (>= 1)", check=ge(1), default=3)
+    min_speedup: float = _help("factorize only if dense_time / factorized_time >= this (> 0)", check=gt(0), default=1.0)
     factor_moments: Literal["zero"] = _help(
         "optimizer moments of new factors: zero (old moments belong to another parameterization)", default="zero"
     )
@@ -99,7 +100,7 @@ class LoggingConfig:
     """Where the run's logs go."""
 
     tensorboard_dir: Optional[str] = _help("TensorBoard event directory (null = no TensorBoard)", default=None)
-    log_every: int = _help("log scalars every N optimizer steps (>= 1)", default=10)
+    log_every: int = _help("log scalars every N optimizer steps (>= 1)", check=ge(1), default=10)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class LowRankConfig:
         default=".*",
     )
     exclude_modules: Union[list[str], str, None] = _help("layers never to factorize (same matching rules)", default=None)
-    min_rank: int = _help("no layer gets a rank below this (>= 1)", default=1)
+    min_rank: int = _help("no layer gets a rank below this (>= 1)", check=ge(1), default=1)
     seed: int = _help("seed for every random choice the plugin makes", default=0)
     monitor: MonitorConfig = _help("stable-rank monitor", default_factory=MonitorConfig)
     cuttlefish: CuttlefishConfig = _help("Cuttlefish strategy", default_factory=CuttlefishConfig)
@@ -126,14 +127,25 @@ class LowRankConfig:
 
 
 # ---- loading (strict) ---------------------------------------------------------------------------
+# Rules beyond a field's type and range, enforced in config_from_dict (listed here for docs/CONFIG.md).
+EXTRA_RULES = {
+    "lowrank.target_modules": "not empty; a string must be a valid regex",
+    "lowrank.exclude_modules": "a string must be a valid regex",
+    "lowrank.cuttlefish.max_switch_step": ">= min_switch_step",
+}
+
+
 def config_from_dict(data: Any, path: str = "lowrank") -> LowRankConfig:
     """The `lowrank` section from a mapping; unknown keys, wrong types, bad ranges → ConfigError."""
     cfg = dataclass_from_dict(LowRankConfig, data, path)
     targets = cfg.target_modules
     if targets == "" or targets == []:
         raise ConfigError(f"{path}.target_modules: empty; allowed: a non-empty list of name suffixes or a regex")
-    validate_regex(f"{path}.target_modules", targets)
-    validate_regex(f"{path}.exclude_modules", cfg.exclude_modules)
+    for key in ("target_modules", "exclude_modules"):
+        value = getattr(cfg, key)
+        if isinstance(value, list) and "" in value:
+            raise ConfigError(f"{path}.{key}[{value.index('')}]: empty name suffix; allowed: a non-empty string")
+        validate_regex(f"{path}.{key}", value)
     cut = cfg.cuttlefish
     if cut.max_switch_step is not None and cut.max_switch_step < cut.min_switch_step:
         raise ConfigError(f"{path}.cuttlefish.max_switch_step: got {cut.max_switch_step}; "
@@ -142,40 +154,71 @@ def config_from_dict(data: Any, path: str = "lowrank") -> LowRankConfig:
 
 
 def config_to_dict(cfg: LowRankConfig) -> dict:
+    """Plain nested dict (YAML/JSON-ready) that `config_from_dict` turns back into an equal config."""
     return dataclass_to_dict(cfg)
 
 
-def _section(data: dict) -> dict:
+def _section(data: Mapping) -> Any:
     """A DeepSpeed-style config carries us under "lowrank"; a plain file is the section itself."""
     return data["lowrank"] if "lowrank" in data else data
 
 
-def load_config(source: Union[str, Path, dict]) -> LowRankConfig:
-    """From a dict, a YAML/JSON file, or a DeepSpeed config (dict or file) with a "lowrank" section."""
-    if isinstance(source, dict):
+def _from_file(path: Union[str, Path], pick: Callable[[dict], Any]) -> LowRankConfig:
+    """Validation errors from a file also name the file (several configs may be in play)."""
+    section = pick(read_mapping(path))
+    try:
+        return config_from_dict(section)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {path})") from None
+
+
+def load_config(source: Union[str, Path, Mapping, LowRankConfig]) -> LowRankConfig:
+    """From a dict, a YAML/JSON file, or a DeepSpeed config (dict or file) with a "lowrank" section.
+
+    A LowRankConfig is re-validated (it may have been built or edited in code, bypassing the checks).
+    """
+    if isinstance(source, LowRankConfig):
+        return config_from_dict(config_to_dict(source))
+    if isinstance(source, Mapping):
         return config_from_dict(_section(source))
-    return config_from_dict(_section(read_mapping(source)))
+    return _from_file(source, _section)
 
 
-def from_ds_config(ds_config: Union[str, Path, dict]) -> LowRankConfig:
-    """The "lowrank" section of a DeepSpeed config; no section means all defaults."""
-    data = ds_config if isinstance(ds_config, dict) else read_mapping(ds_config)
-    return config_from_dict(data.get("lowrank", {}))
+def from_ds_config(ds_config: Union[str, Path, Mapping]) -> LowRankConfig:
+    """The "lowrank" section of a DeepSpeed config (dict or file); no section means all defaults.
+
+    Unlike `load_config`, a config without a "lowrank" key is not read as the section itself: its keys
+    are DeepSpeed's, and a DeepSpeed job that does not mention the plugin gets the plugin's defaults.
+    """
+    if isinstance(ds_config, Mapping):
+        return config_from_dict(ds_config.get("lowrank", {}))
+    return _from_file(ds_config, lambda data: data.get("lowrank", {}))
 
 
 def config_digest(cfg: LowRankConfig) -> str:
+    """SHA-256 of the canonical JSON of `cfg` (resume compares it to detect a changed config)."""
     return digest(cfg)
 
 
-def schema_markdown() -> str:
-    """docs/CONFIG.md: every key path, type, default and help of the `lowrank` section."""
+def describe_schema() -> str:
+    """docs/CONFIG.md: every key path, type, default, allowed range and help of the `lowrank` section."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     lines = ["# The `lowrank` configuration section", "",
              "Generated by `python -m dist_lowrank.config > docs/CONFIG.md`; do not edit by hand.", "",
-             "| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, tp, default, text in describe_schema(LowRankConfig, "lowrank"):
-        lines.append(f"| `{key}` | {tp.replace('|', '/')} | `{default}` | {text} |")
+             "Read from YAML/JSON (`load_config`), a dict, or the `\"lowrank\"` section of a DeepSpeed config",
+             "(`from_ds_config`; no section = all defaults). Unknown keys, wrong types and values outside the",
+             "allowed range are rejected with one `ConfigError` line naming the key path.", "",
+             "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for key, tp, default, allowed, text in schema_rows(LowRankConfig, "lowrank"):
+        allowed = "; ".join(filter(None, [allowed, EXTRA_RULES.get(key, "")]))
+        lines.append(f"| `{key}` | {cell(tp)} | `{cell(default)}` | {cell(allowed)} | {cell(text)} |")
     return "\n".join(lines) + "\n"
 
 
+schema_markdown = describe_schema  # earlier name, kept for callers
+
+
 if __name__ == "__main__":
-    print(schema_markdown(), end="")
+    print(describe_schema(), end="")

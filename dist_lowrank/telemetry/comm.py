@@ -55,8 +55,20 @@ class CommCounter:
         self.bytes: dict[str, float] = defaultdict(float)
         self._originals: dict[str, Callable] = {}
         self._lock = threading.Lock()
+        self.paused = False
+
+    @contextmanager
+    def pause(self) -> Iterator[None]:
+        """Collectives issued inside are not counted (e.g. the logger's own loss average)."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def record(self, op: str, nbytes: float) -> None:
+        if self.paused:
+            return
         with self._lock:
             self.calls[op] += 1
             self.bytes[op] += nbytes

@@ -1,6 +1,6 @@
 """Join the distributed job we are in, or start the local worker processes ourselves.
 
-Inside torchrun / the deepspeed launcher (RANK and WORLD_SIZE set) every process joins the job.
+Inside torchrun, the deepspeed launcher, SLURM or mpirun (see launch_env) every process joins the job.
 Otherwise run.world_size processes are started here (gloo on CPU, nccl on GPUs), or, for
 world_size 1, the job runs in this process without a process group.
 """
@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.device import default_dist_backend
+from dist_lowrank.launch_env import apply, discover
 from dist_lowrank.train.run_config import RunConfig
 
 
@@ -25,7 +26,12 @@ def _free_port() -> int:
 
 
 def _in_launched_job() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """Started by torchrun / deepspeed / SLURM / mpirun? Then export the torch.distributed variables."""
+    job = discover()
+    if job is None:
+        return False
+    apply(job)
+    return True
 
 
 def _worker(rank: int, world: int, port: int, run: RunConfig, lowrank: LowRankConfig) -> None:

@@ -36,6 +36,17 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def mean_over_ranks(value: float) -> float:
+    """Average of a scalar over all ranks (collective; identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    from dist_lowrank.device import comm_device
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
 def comm_model_name(run: RunConfig) -> Optional[str]:
     """The analytic communication model that describes this run's backend (None: nothing communicated)."""
     return {"local": None, "ddp": "ddp", "fsdp2": "fsdp2"}.get(run.backend, f"zero{run.zero_stage}")
@@ -195,6 +206,8 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if step % run.log_every == 0 or step == run.steps:
+            with counter.pause():
+                loss_value = mean_over_ranks(loss_value)  # the global batch's loss, as one process would see it
             params_now = count_parameters(backend.unwrapped_model())
             samples_per_sec = run.batch_size * world / step_time
             logger.log({"event": "train", "step": step, "phase": phase, "loss": loss_value, "step_time": step_time,

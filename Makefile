@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo baseline test test-unit clean
+.PHONY: setup data demo baseline demo-cnn baseline-cnn test test-unit clean
 
 setup: $(STAMP) data
 
@@ -29,10 +29,19 @@ data:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	  else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist" >&2; exit 1; fi; }
 
+# Main job: 2 gloo ranks, char-level GPT on Shakespeare, DeepSpeed ZeRO-2, Cuttlefish switch, report at the end.
 demo: setup
+	$(VENV)/bin/dist-lowrank train configs/gpt_shakespeare_zero2.yaml
+
+# The same job full-rank, for comparison (runs/gpt-baseline).
+baseline: setup
+	$(VENV)/bin/dist-lowrank train configs/gpt_shakespeare_zero2.yaml --override lowrank.strategy=none --override run.out_dir=runs/gpt-baseline
+
+# One process: VGG-style CNN on Fashion-MNIST with Cuttlefish, and its full-rank baseline.
+demo-cnn: setup
 	$(VENV)/bin/dist-lowrank train configs/demo.yaml
 
-baseline: setup
+baseline-cnn: setup
 	$(VENV)/bin/dist-lowrank train configs/demo.yaml --override lowrank.strategy=none --override run.out_dir=runs/demo-baseline
 
 test: setup

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -28,6 +29,7 @@ from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
 from dist_lowrank.backends.optim_state import embed_state, snapshot_state, transplant_state
 from dist_lowrank.device import comm_device, default_device
+from dist_lowrank.errors import DistLowRankError
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
@@ -75,16 +77,32 @@ class FSDP2Backend(Backend):
             global_shape = tuple(param.shape)
             rows, cols = global_shape[0], int(torch.Size(global_shape[1:]).numel())
             if isinstance(param, DTensor):
-                _, offset = compute_local_shape_and_global_offset(global_shape, param.device_mesh, param.placements)
-                views.append(ShardView(name, (rows, cols), int(offset[0]) * cols, param.to_local().detach().reshape(-1)))
+                local = param.to_local().detach()
+                views.append(ShardView(name, (rows, cols), _row_offset(name, param, local) * cols, local.reshape(-1)))
             else:
                 views.append(ShardView(name, (rows, cols), 0, param.detach().reshape(-1), replicated=True))
         return views
 
     def execute(self, plan: Plan) -> dict[str, Any]:
-        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow")."""
+        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow").
+        Measured as a whole: gathers, SVDs, broadcasts, rebuild, state transplant."""
+        start, rss_before = time.perf_counter(), peak_rss_mb()
+        params_before = count_parameters(self.model)
         if plan.kind == "grow":
-            return self._grow(plan)
+            sources, states = self._grow_sources(plan)
+            layers = len(plan.capacities)
+        else:
+            sources, states = self._switch_sources(plan), {}
+            layers = len(plan.ranks)
+        self._rebuild(sources, states)
+        del sources, states
+        gc.collect()
+        return {"seconds": time.perf_counter() - start, "params_before": params_before,
+                "params_after": count_parameters(self.model), "layers": layers, "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_growth_mb": peak_rss_mb() - rss_before}
+
+    def _switch_sources(self, plan: Plan) -> dict[str, torch.Tensor]:
+        """Full factors (and biases) of every switched layer: one layer gathered at a time, SVDs spread."""
         modules = dict(self.model.named_modules())
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
@@ -98,11 +116,10 @@ class FSDP2Backend(Backend):
             if biases[name] is not None:
                 sources[f"{name}.second.bias"] = biases[name]
             self.replacements[name] = partial(_factorized_like, rank=plan.ranks[name])
-        del modules, factors
-        return self._rebuild(sources, {}, layers=len(names))
+        return sources
 
-    def _grow(self, plan: Plan) -> dict[str, Any]:
-        """InRank layers past capacity: full U, V (small) and their moments, grown, re-sharded."""
+    def _grow_sources(self, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """InRank layers past capacity: full U, V (small) and their moments, grown."""
         modules = dict(self.model.named_modules())
         sources: dict[str, torch.Tensor] = {}
         states: dict[str, dict] = {}
@@ -114,19 +131,15 @@ class FSDP2Backend(Backend):
             for pname, param, grown in ((f"{name}.u", layer.u, u), (f"{name}.v", layer.v, v)):
                 state = self.optimizer.state.get(param)
                 if state:
-                    full_state = {key: _full(value) if isinstance(value, DTensor) else value
-                                  for key, value in state.items()}
-                    states[pname] = embed_state(full_state, grown.shape)
+                    states[pname] = embed_state({key: _full(value) for key, value in state.items()}, grown.shape)
             self.replacements[name] = partial(_inrank_like, width=plan.ranks[name], capacity=capacity)
-        del modules
-        return self._rebuild(sources, states, layers=len(plan.capacities))
+        return sources, states
 
-    def _rebuild(self, sources: dict[str, torch.Tensor], full_states: dict[str, dict], layers: int) -> dict[str, Any]:
+    def _rebuild(self, sources: dict[str, torch.Tensor], full_states: dict[str, dict]) -> None:
         """New sharded model from the skeleton: untouched shards copied, `sources` distributed, optimizer
-        state carried (untouched: local shards bit for bit; `full_states`: distributed)."""
-        start, rss_before = time.perf_counter(), peak_rss_mb()
+        state carried (untouched: local shards bit for bit; `full_states`: distributed). The old model,
+        optimizer and scheduler are dropped."""
         old = self.model
-        params_before = count_parameters(old)
         new = self._build_skeleton()
         self._materialize(new, old, sources)
         old_inrank = {n: m for n, m in old.named_modules() if isinstance(m, InRankLinear)}
@@ -136,7 +149,7 @@ class FSDP2Backend(Backend):
         old_named = dict(old.named_parameters())
         new_named = dict(new.named_parameters())
         untouched = {n: p for n, p in old_named.items() if n in new_named and n not in sources}
-        snapshot = snapshot_state(self.optimizer, untouched)
+        snapshot = snapshot_state(self.optimizer, untouched, copy=False)  # the old optimizer is dropped next
         scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
         self.model = self.optimizer = self.scheduler = None
         del old, old_named, untouched, old_inrank
@@ -149,10 +162,6 @@ class FSDP2Backend(Backend):
         if self.scheduler_factory is not None:
             self.scheduler = self.scheduler_factory(self.optimizer)
             self.scheduler.load_state_dict(scheduler_state)
-        gc.collect()
-        return {"seconds": time.perf_counter() - start, "params_before": params_before,
-                "params_after": count_parameters(new), "layers": layers, "peak_rss_mb": peak_rss_mb(),
-                "peak_rss_growth_mb": peak_rss_mb() - rss_before}
 
     def _build_skeleton(self) -> nn.Module:
         """model_fn on the meta device, every replacement so far replayed, then sharded."""
@@ -173,15 +182,31 @@ class FSDP2Backend(Backend):
                 _local(param).copy_(_local(_shard_like(sources[name].reshape(param.shape), param)))
                 continue
             if name not in old_params:
-                raise RuntimeError(f"{name}: new parameter with no source")
+                raise DistLowRankError(f"{name}: new parameter with no source")
             src, dst = _local(old_params[name]), _local(param)
             if src.shape != dst.shape:
-                raise RuntimeError(f"{name}: local shard {tuple(src.shape)} != rebuilt {tuple(dst.shape)}")
+                raise DistLowRankError(f"{name}: local shard {tuple(src.shape)} != rebuilt {tuple(dst.shape)}")
             dst.copy_(src)
         old_buffers = dict(old.named_buffers())
         for name, buf in new.named_buffers():
             if name in old_buffers:
                 buf.copy_(old_buffers[name])
+
+
+def _row_offset(name: str, param: DTensor, local: torch.Tensor) -> int:
+    """First global row of this rank's piece. Only plain FSDP's layout is a row block of the matrix:
+    `Shard(0)` on a 1-D mesh spanning the default group (the one the monitor all-reduces over). A
+    `shard_placement_fn` that shards another dim, HSDP or TP meshes are refused by name rather than
+    read as rows; uneven chunks (FSDP2 pads internally) come out right from torch's own arithmetic."""
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if mesh.ndim != 1 or mesh.size() != world or placements != (Shard(0),):
+        raise DistLowRankError(f"{name}: placements {placements} on a {tuple(mesh.shape)} mesh; "
+                               f"shard views need Shard(0) on a 1-D mesh of all {world} ranks")
+    shape, offset = compute_local_shape_and_global_offset(tuple(param.shape), mesh, placements)
+    if tuple(shape) != tuple(local.shape):
+        raise DistLowRankError(f"{name}: local shard {tuple(local.shape)} != torch's layout {tuple(shape)}")
+    return int(offset[0])
 
 
 def full_states_layers(full_states: dict[str, dict]) -> set[str]:

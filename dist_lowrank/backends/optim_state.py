@@ -1,9 +1,18 @@
 """Carry a torch optimizer's per-parameter state across a rebuild, by parameter name.
 
-Untouched parameters keep every state tensor bit for bit (Adam: step, exp_avg, exp_avg_sq,
-max_exp_avg_sq; SGD: momentum_buffer). New parameters (the factors) get no state: torch's Adam then
-starts them at step 0 with zero moments, so its bias correction treats them as the fresh parameters
-they are. (Old moments belong to another parameterization, W, and have no exact image in U and V.)
+Untouched parameters keep every state tensor bit for bit, whatever the optimizer keeps per parameter
+(Adam/AdamW: step, exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad; SGD: momentum_buffer); DTensor
+states (FSDP2) are carried as they are, i.e. each rank keeps its own local shard.
+
+New parameters (the factors) get *no* state. torch's Adam keeps a per-parameter step and creates the
+state lazily at the parameter's first update: zero moments and step 0, so its bias correction
+(1 - beta^t with the parameter's own t) treats them as the fresh parameters they are. Giving them the
+global step instead would switch the bias correction off while the zero-started exp_avg_sq is still far
+too small: with the default betas their early updates would come out 3x (first step) to 6.5x (tenth
+step) larger than Adam's normal lr-sized steps, right after a spectral init that should be disturbed
+least. Copying W's moments is not possible either: they belong to another parameterization with no
+exact image in the factors. Leaving the state to the optimizer also works
+for any torch optimizer without knowing its private state layout (fused/capturable step tensors).
 """
 from __future__ import annotations
 
@@ -12,36 +21,45 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from dist_lowrank.errors import DistLowRankError
+
 
 def _clone(value):
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
-def snapshot_state(optimizer: torch.optim.Optimizer, named_params: dict[str, nn.Parameter]) -> dict[str, dict]:
-    """{name: copy of the optimizer state of that parameter} (params without state are left out)."""
+def snapshot_state(optimizer: torch.optim.Optimizer, named_params: dict[str, nn.Parameter],
+                   copy: bool = True) -> dict[str, dict]:
+    """{name: optimizer state of that parameter} (params without state are left out).
+
+    copy=False takes the state tensors themselves instead of copies: for a caller that drops `optimizer`
+    right after (a rebuild), so the switch does not hold the untouched state twice.
+    """
     out = {}
     for name, param in named_params.items():
         state = optimizer.state.get(param)
         if state:
-            out[name] = {k: _clone(v) for k, v in state.items()}
+            out[name] = {k: _clone(v) for k, v in state.items()} if copy else dict(state)
     return out
 
 
 def transplant_state(optimizer: torch.optim.Optimizer, named_params: dict[str, nn.Parameter],
-                     snapshot: dict[str, dict], new_names: Iterable[str] = ()) -> None:
-    """Install snapshot entries into `optimizer` for the same-named params; shapes must match."""
-    fresh = set(new_names)
+                     snapshot: dict[str, dict], zero_init_names: Iterable[str] = ()) -> None:
+    """Install snapshot entries into `optimizer` for the same-named params (the snapshot's tensors are
+    installed as they are, not copied). Names in `zero_init_names` start fresh even if the snapshot has
+    them (see the module docstring). Every tensor state must have the parameter's shape."""
+    fresh = set(zero_init_names)
     for name, state in snapshot.items():
         if name in fresh:
             continue
         if name not in named_params:
-            raise KeyError(f"{name}: has optimizer state but no parameter in the rebuilt model")
+            raise DistLowRankError(f"{name}: has optimizer state but no parameter in the rebuilt model")
         param = named_params[name]
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
-                raise ValueError(f"{name}: optimizer state {key} has shape {tuple(value.shape)}, "
-                                 f"parameter has {tuple(param.shape)}")
-        optimizer.state[param] = {k: _clone(v) for k, v in state.items()}
+                raise DistLowRankError(f"{name}: optimizer state {key} has shape {tuple(value.shape)}, "
+                                       f"parameter has {tuple(param.shape)}")
+        optimizer.state[param] = dict(state)
 
 
 def embed_state(state: dict, new_shape: torch.Size) -> dict:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.distributed.ddp_workers import ddp_switch_worker
+from tests.distributed.fsdp_workers import assert_conv_switch, conv_switch_worker
 from tests.distributed.switch_common import PLAN_RANKS, UNTOUCHED, factorized_reference_output, reference_run
 from tests.dist_harness import run_ranks
 
@@ -32,3 +33,15 @@ def test_ddp_switch_matches_reference_and_keeps_state():
         assert torch.allclose(tensor, reference["final"][name], atol=1e-5)
     assert torch.allclose(torch.tensor([sum(x) / 2 for x in zip(r0["losses"], r1["losses"])]),
                           torch.tensor(reference["losses"]), atol=1e-5)
+
+
+def test_ddp_conv_switch_sgd_momentum():
+    """Conv2d under DDP with SGD momentum: momentum buffers of untouched params kept bit for bit, the
+    factors get the all-reduced gradient, old wrapper (reducer hooks) / optimizer / weights released."""
+    ranks = run_ranks(conv_switch_worker, args=("ddp",), timeout=180)
+    assert_conv_switch(ranks, "ddp")
+    for r in ranks:
+        assert r["factor_types"] == ["Parameter"]
+        assert set(r["state_before"]["head.weight"]) == {"momentum_buffer"}
+    for name, tensor in ranks[0]["final"].items():
+        assert torch.equal(tensor, ranks[1]["final"][name]), name  # replicas stay identical

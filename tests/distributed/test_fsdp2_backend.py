@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed.fsdp_workers import fsdp2_switch_worker, fsdp2_uneven_views_worker
+from tests.distributed.fsdp_workers import (CONV_PRE_STEPS, assert_conv_switch, conv_reference, conv_switch_worker,
+                                           fsdp2_switch_worker, fsdp2_uneven_views_worker, uneven_model)
 from tests.distributed.switch_common import UNTOUCHED, assert_estimates, factorized_reference_output, reference_run
 from tests.dist_harness import run_ranks
 
@@ -39,9 +40,31 @@ def test_fsdp2_switch_matches_reference_and_keeps_state():
 
 
 def test_fsdp2_uneven_rows_views_tile_the_matrix():
-    (dims0, off0, flat0), (dims1, off1, flat1) = run_ranks(fsdp2_uneven_views_worker, timeout=120)
-    torch.manual_seed(3)
-    weight = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))[0].weight.detach()
-    assert dims0 == dims1 == (7, 5)
-    assert off0 == 0 and off1 == flat0.numel()
-    assert torch.equal(torch.cat([flat0, flat1]), weight.reshape(-1))
+    ranks = run_ranks(fsdp2_uneven_views_worker, timeout=120)
+    for index, layer in enumerate(uneven_model()):
+        weight = layer.weight.detach()
+        (dims0, off0, flat0), (dims1, off1, flat1) = ranks[0][index], ranks[1][index]
+        assert dims0 == dims1 == tuple(weight.shape)
+        rows0 = (weight.shape[0] + 1) // 2  # torch.chunk: the first rank takes the larger half
+        assert (off0, flat0.numel()) == (0, rows0 * weight.shape[1])
+        assert off1 == flat0.numel()
+        assert torch.equal(torch.cat([flat0, flat1]), weight.reshape(-1))
+
+
+def test_fsdp2_conv_switch_amsgrad_and_trap_avoided():
+    """Conv2d with 7 output channels (uneven shards), Adam with amsgrad; the factors are sharded DTensors
+    that receive the synchronized global-batch gradient, unlike the naive swap into a sharded model."""
+    ranks = run_ranks(conv_switch_worker, args=("fsdp2",), timeout=180)
+    assert_conv_switch(ranks, "fsdp2")
+    reference = conv_reference("fsdp2")
+    for r in ranks:
+        assert r["factor_types"] == ["DTensor"]
+        assert set(r["state_before"]["head.weight"]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        for name, step in r["steps"].items():  # factors count their own steps from 0 (bias correction)
+            assert step == (1 if name.startswith("features.2.") else CONV_PRE_STEPS + 1), (name, step)
+    naive0, naive1 = ranks[0]["naive_grads"], ranks[1]["naive_grads"]
+    assert naive0.keys() == reference["grads"].keys()
+    for name, (kind, grad) in naive0.items():  # the trap: unmanaged plain tensors, gradients never reduced
+        assert kind == "Parameter" and naive1[name][0] == "Parameter"
+        assert not torch.allclose(grad, naive1[name][1], atol=1e-4), name
+        assert not torch.allclose(grad, reference["grads"][name], atol=1e-4), name

@@ -1,12 +1,21 @@
 """Cuttlefish: switch to factorized layers once every layer's stable rank has stopped moving.
 
-Per layer, the srank history is smoothed by an EMA (α = 2/(w+1), e_0 = x_0), differentiated
+Per layer, the srank history (raw srank values, as in the reference: the threshold is in srank units,
+not relative) is smoothed by an EMA (α = 2/(w+1), e_0 = x_0, pandas adjust=False), differentiated
 (|e_t − e_{t−1}|), and the mean of the last k differences is compared with a threshold; once below,
-the layer is stable for good. Relaxation (reference behaviour: the bar gets easier as fewer layers
-remain unstable): threshold_eff = threshold · min(4, n_layers / max(1, n_unstable)), which grows
-monotonically as layers become stable. Ranks: scaled rule r = ceil(ξ·srank_t) with
-ξ = min(m,n)/srank(W_0) measured at init, or raw r = ceil(srank_t); capped at min(m,n), floored at
-max(min_rank, ceil(floor_fraction·min(m,n))); layers where r gives no parameter saving stay dense.
+the layer is stable for good.
+
+Relaxation follows the reference (`layer_rank_stable_detector` in the Cuttlefish code, ResNet-18 /
+VGG-19 setting): the bar is the base threshold until only stragglers are left, ×2.5 when two layers
+remain unstable and ×5 when one remains (RELAX_FACTORS). It is computed from the stable set before
+the current observation (the reference counts the remaining layers first), and it only grows as
+layers become stable. One deviation: nothing is relaxed while no layer is stable yet (a model with
+one or two tracked layers has no stragglers; the reference would relax it from the start).
+
+Ranks: scaled rule r = ceil(ξ·srank_t) with ξ = min(m,n)/srank(W_0) from the init measurement
+(srank 0 or no finite init value: ξ = 1), or raw r = ceil(srank_t); capped at min(m,n), floored at
+max(min_rank, ceil(floor_fraction·min(m,n))); layers where r gives no parameter saving
+(r ≥ mn/(m+n)) stay dense, with a reason in the plan.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from dist_lowrank.layers import saves_parameters
 from dist_lowrank.plan import Plan
 from dist_lowrank.strategies.base import NonFiniteFilter, Strategy
 
-RELAX_CAP = 4.0
+RELAX_FACTORS = {2: 2.5, 1: 5.0}  # layers still unstable -> threshold multiplier (reference: 2.5, then 2 × 2.5)
 
 
 def ema(values: list[float], window: int) -> list[float]:
@@ -40,8 +49,13 @@ def stability_score(history: list[float], window: int, last_k: int) -> Optional[
     return sum(tail) / len(tail)
 
 
+def scale_factor(full_rank: int, srank0: Optional[float]) -> float:
+    """ξ = min(m,n) / srank(W_0); 1 when the init srank is missing or not positive (nothing to scale by)."""
+    return full_rank / srank0 if srank0 is not None and srank0 > 0 else 1.0
+
+
 class CuttlefishStrategy(Strategy):
-    """Emits exactly one Plan(kind="switch"), then is done."""
+    """Emits exactly one Plan(kind="switch"), then is done. The first `observe` is the init measurement."""
 
     def __init__(self, cfg: CuttlefishConfig, dims: dict[str, tuple[int, int]], min_rank: int = 1) -> None:
         self.cfg, self.dims, self.min_rank = cfg, dict(dims), min_rank
@@ -54,19 +68,17 @@ class CuttlefishStrategy(Strategy):
 
     def threshold(self) -> float:
         """The (possibly relaxed) threshold for the current number of unstable layers."""
-        if not self.cfg.relax_threshold:
-            return self.cfg.threshold
         unstable = sum(1 for s in self.stable.values() if not s)
-        return self.cfg.threshold * min(RELAX_CAP, len(self.stable) / max(1, unstable))
+        if not self.cfg.relax_threshold or unstable == len(self.stable):
+            return self.cfg.threshold
+        return self.cfg.threshold * RELAX_FACTORS.get(max(unstable, 1), 1.0)
 
     def observe(self, step: int, sranks: dict[str, float]) -> Optional[Plan]:
         if self.done:
             return None
         values = self._filter(sranks)
         if not self.initialized:
-            for name, (m, n) in self.dims.items():
-                s0 = values.get(name, 0.0)
-                self.xi[name] = min(m, n) / s0 if s0 > 0 else 1.0
+            self.xi = {name: scale_factor(min(m, n), values.get(name)) for name, (m, n) in self.dims.items()}
             self.initialized = True
             return None
         for name, value in values.items():
@@ -77,13 +89,15 @@ class CuttlefishStrategy(Strategy):
             if not self.stable[name]:
                 score = stability_score(hist, self.cfg.ema_window, self.cfg.last_k)
                 self.stable[name] = score is not None and score < bar
+        all_stable = all(self.stable.values())
         forced = self.cfg.max_switch_step is not None and step >= self.cfg.max_switch_step
-        if not forced and (step < self.cfg.min_switch_step or not all(self.stable.values())):
+        if not forced and (step < self.cfg.min_switch_step or not all_stable):
             return None
         self.done = True
-        return self._plan(step, forced and not all(self.stable.values()))
+        return self._plan(step, forced and not all_stable)
 
     def choose_rank(self, name: str, srank: float) -> int:
+        """The rank rule for one layer at its current srank (see the module docstring)."""
         m, n = self.dims[name]
         full = min(m, n)
         scaled = self.xi.get(name, 1.0) * srank if self.cfg.rank_rule == "scaled" else srank
@@ -92,6 +106,7 @@ class CuttlefishStrategy(Strategy):
 
     def _plan(self, step: int, forced: bool) -> Plan:
         ranks, reasons = {}, {}
+        why = "forced at max_switch_step before all layers were stable" if forced else "all layers stable"
         for name in sorted(self.dims):
             hist = self.history[name]
             if not hist:
@@ -103,8 +118,8 @@ class CuttlefishStrategy(Strategy):
                 reasons[name] = f"kept dense: rank {rank} saves no parameters for {m}x{n}"
                 continue
             ranks[name] = rank
-            why = "forced at max_switch_step" if forced else "stable"
-            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule, srank {hist[-1]:.3f}, {why})"
+            state = "stable" if self.stable[name] else "not stable"
+            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule, srank {hist[-1]:.3f}, {state}; {why})"
         return Plan("switch", step, ranks, reasons=reasons)
 
     def state_dict(self) -> dict[str, Any]:

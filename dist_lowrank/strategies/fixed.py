@@ -1,4 +1,8 @@
-"""Fixed-ratio baseline (Pufferfish): every layer at ⌈ratio·min(m,n)⌉ after a warm-up."""
+"""Fixed-ratio baseline (Pufferfish): every layer at ⌈ratio·min(m,n)⌉ after a warm-up.
+
+The switch comes at the first observation with step >= max(1, warmup_steps): step 0 is the init
+measurement taken before training, whose result the controller does not execute.
+"""
 from __future__ import annotations
 
 import math
@@ -11,6 +15,8 @@ from dist_lowrank.strategies.base import Strategy
 
 
 class FixedRatioStrategy(Strategy):
+    """One Plan(kind="switch") at the first observation past the warm-up; ignores the stable ranks."""
+
     def __init__(self, cfg: FixedConfig, dims: dict[str, tuple[int, int]], min_rank: int = 1) -> None:
         self.cfg, self.dims, self.min_rank = cfg, dict(dims), min_rank
         self.done = False

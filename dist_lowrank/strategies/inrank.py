@@ -4,12 +4,17 @@ A layer of rank r trains r + buffer columns (the buffer is where new directions 
 `gap` steps after `warmup`, the singular values of those r + buffer columns give the new rank
 k = first k in [r, r + buffer) with explained ratio g(k) > τ (see linalg.explained) — or r + buffer
 when none qualifies — never below r, capped where factorizing stops saving parameters.
-Capacity (what is physically allocated) grows geometrically — ×growth_factor, rounded up to a
-multiple — so resharding happens O(log r) times per layer, not at every growth.
+Capacity (what is physically allocated) must hold the trained width r + buffer (not just r: the
+buffer columns are trained too); when it does not, it grows geometrically — ×growth_factor, rounded
+up to a multiple — so resharding happens O(log r) times per layer, not at every growth.
+
+InRank is driven by spectra, not stable ranks: `InRankGrowthRule` is itself the Strategy (observe
+returns None; the controller calls `decide` with singular values). `InRankStrategy` is that class.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -22,6 +27,7 @@ from dist_lowrank.strategies.base import Strategy
 
 
 def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= value (allocation granularity)."""
     return int(math.ceil(value / multiple) * multiple)
 
 
@@ -34,6 +40,7 @@ def next_capacity(capacity: int, needed: int, factor: float, multiple: int, cap:
 
 
 def saving_cap(m: int, n: int) -> int:
+    """Largest rank worth allocating: beyond it the factor pair is bigger than the dense layer."""
     return max(1, max_saving_rank(m, n))
 
 
@@ -53,7 +60,8 @@ class InRankGrowthRule(Strategy):
     def __init__(self, cfg: InRankConfig, dims: dict[str, tuple[int, int]]) -> None:
         self.cfg, self.dims = cfg, dict(dims)
         self.done = False
-        self.decisions: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []  # every check's outcome (JSON; logged and resumed)
+        self._warned: set[str] = set()
 
     def cap(self, name: str) -> int:
         return saving_cap(*self.dims[name])
@@ -70,6 +78,8 @@ class InRankGrowthRule(Strategy):
 
     def decide(self, step: int, svals: dict[str, torch.Tensor], ranks: dict[str, int],
                capacities: dict[str, int]) -> Optional[Plan]:
+        """Plan("grow") with the layers whose rank rises (and the capacities that must change), Plan("fix")
+        once at fix_after, else None. A layer with non-finite singular values is skipped (warned once)."""
         if self.done:
             return None
         if self.cfg.fix_after is not None and step >= self.cfg.fix_after:
@@ -80,6 +90,12 @@ class InRankGrowthRule(Strategy):
         new_ranks, new_caps = {}, {}
         for name in sorted(svals):
             r = ranks[name]
+            if not bool(torch.isfinite(svals[name]).all()):
+                if name not in self._warned:
+                    warnings.warn(f"{name}: non-finite singular values; growth check skipped", RuntimeWarning,
+                                  stacklevel=2)
+                    self._warned.add(name)
+                continue
             k = explained_variance_rank(svals[name], self.cfg.tau, r, r + self.cfg.buffer)
             k = min(max(k, r), self.cap(name))
             if k > r:
@@ -100,3 +116,6 @@ class InRankGrowthRule(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = bool(state["done"])
         self.decisions = list(state.get("decisions", []))
+
+
+InRankStrategy = InRankGrowthRule  # the Strategy-interface name; one class, no adapter needed

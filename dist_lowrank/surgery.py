@@ -7,14 +7,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dist_lowrank.layers import LowRankConv2d, LowRankLinear, build_factorized, matrix_dims
+from dist_lowrank.layers import InRankLinear, LowRankConv2d, LowRankLinear, build_factorized, matrix_dims
 from dist_lowrank.layers.shapes import is_hf_conv1d
 
 
 @dataclass
 class LayerChange:
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, int]  # (m, n) of the weight matrix
     rank: int
     params_before: int
     params_after: int
@@ -28,44 +28,70 @@ class SurgeryReport:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements (ZeRO-3 partitioned params counted at their full size)."""
+    """Number of parameter elements, shared parameters once (ZeRO-3 partitioned params at full size)."""
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Swap the submodule at dotted `name`; returns the old one."""
+    """Swap the child module at dotted `name`; returns the old one."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not hasattr(parent, child):
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        raise ValueError(f"{name}: no such module") from None
+    if not name or child not in parent._modules:
         raise ValueError(f"{name}: no such module")
-    old = getattr(parent, child)
+    old = parent._modules[child]
     setattr(parent, child, new)
     return old
 
 
+def _factorize(dense: nn.Module, rank: int) -> nn.Module:
+    """Spectral init from the module's own weight (truncated SVD, or an InRank layer's fold)."""
+    if isinstance(dense, nn.Conv2d):
+        return LowRankConv2d.from_dense(dense, rank)
+    if isinstance(dense, nn.Linear) or is_hf_conv1d(dense):
+        return LowRankLinear.from_dense(dense, rank)
+    if isinstance(dense, InRankLinear):
+        return dense.fold(rank)
+    raise TypeError(f"cannot factorize {type(dense).__name__}")
+
+
 def apply_rank_plan(model: nn.Module, ranks: dict[str, int],
                     factors: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> SurgeryReport:
-    """Factorize each named layer at its rank (precomputed factors if given, else truncated SVD)."""
+    """Factorize each named layer at its rank: from precomputed factors (A m×r, B r×n) when given (no SVD
+    here: a backend computes them once and broadcasts them), else from the layer's weight.
+
+    Every entry is checked before any module is replaced, so a bad plan leaves the model untouched.
+    Layers are processed (and reported) in sorted name order, the plan order used everywhere.
+    """
     modules = dict(model.named_modules())
+    for name in sorted(ranks):
+        if not name or name not in modules:
+            raise ValueError(f"{name}: not a module of this model")
+        try:
+            m, n = matrix_dims(modules[name])
+        except TypeError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        if isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1:
+            raise ValueError(f"{name}: groups={modules[name].groups} is not supported (only groups=1)")
+        rank = ranks[name]
+        if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= min(m, n):
+            raise ValueError(f"{name}: rank {rank} outside 1..{min(m, n)} for a {m}x{n} weight")
+        if factors is not None and name in factors:
+            a, b = factors[name]
+            if tuple(a.shape) != (m, rank) or tuple(b.shape) != (rank, n):
+                raise ValueError(f"{name}: factors {tuple(a.shape)} @ {tuple(b.shape)} do not match rank {rank} "
+                                 f"of a {m}x{n} weight")
     before = count_parameters(model)
     changes = []
     for name in sorted(ranks):
-        if name not in modules:
-            raise ValueError(f"{name}: not a module of this model")
-        dense = modules[name]
-        m, n = matrix_dims(dense)
-        rank = ranks[name]
-        if not 1 <= rank <= min(m, n):
-            raise ValueError(f"{name}: rank {rank} outside 1..{min(m, n)} for a {m}x{n} weight")
+        dense, rank = modules[name], int(ranks[name])
         layer_before = count_parameters(dense)
         if factors is not None and name in factors:
             new = build_factorized(dense, *factors[name])
-        elif isinstance(dense, nn.Conv2d):
-            new = LowRankConv2d.from_dense(dense, rank)
-        elif isinstance(dense, nn.Linear) or is_hf_conv1d(dense):
-            new = LowRankLinear.from_dense(dense, rank)
         else:
-            raise TypeError(f"{name}: cannot factorize {type(dense).__name__}")
+            new = _factorize(dense, rank)
         replace_module(model, name, new)
-        changes.append(LayerChange(name, (m, n), rank, layer_before, count_parameters(new)))
+        changes.append(LayerChange(name, matrix_dims(dense), rank, layer_before, count_parameters(new)))
     return SurgeryReport(before, count_parameters(model), changes)

@@ -1,10 +1,12 @@
 """Factorized modules: low-rank Linear/Conv2d (HF Conv1D too), the InRank layer, Frobenius decay."""
-from dist_lowrank.layers.decay import factor_pairs, frobenius_decay_
+from dist_lowrank.layers.decay import factor_pairs, frobenius_decay_, frobenius_penalty
 from dist_lowrank.layers.inrank import InRankLinear
 from dist_lowrank.layers.lowrank import LowRankConv2d, LowRankLinear, build_factorized, empty_factorized
 from dist_lowrank.layers.shapes import (is_factorizable, is_hf_conv1d, matrix_dims, max_saving_rank,
                                         saves_parameters, weight_matrix)
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "InRankLinear", "build_factorized", "empty_factorized",
-           "factor_pairs", "frobenius_decay_", "weight_matrix", "matrix_dims", "is_factorizable", "is_hf_conv1d",
-           "saves_parameters", "max_saving_rank"]
+FACTORIZED_TYPES = (LowRankLinear, LowRankConv2d, InRankLinear)
+
+__all__ = ["LowRankLinear", "LowRankConv2d", "InRankLinear", "FACTORIZED_TYPES", "build_factorized",
+           "empty_factorized", "factor_pairs", "frobenius_decay_", "frobenius_penalty", "weight_matrix",
+           "matrix_dims", "is_factorizable", "is_hf_conv1d", "saves_parameters", "max_saving_rank"]

@@ -6,13 +6,15 @@ from torch import nn
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 Conv1D (weight stored (in, out)), detected without importing transformers."""
+    """transformers' GPT-2 Conv1D (weight stored (in, out)), detected by name so transformers stays optional."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 def is_factorizable(module: nn.Module) -> bool:
-    """Linear, Conv2d (groups == 1 checked at factorization) and HF Conv1D."""
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(module)
+    """Linear, Conv2d with groups == 1 (a grouped conv's weight is not one matrix) and HF Conv1D."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
 
 def matrix_dims(module: nn.Module) -> tuple[int, int]:
@@ -34,11 +36,13 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
         return w.T
     if isinstance(module, nn.Conv2d):
         return w.reshape(w.shape[0], -1)
-    return w
+    if isinstance(module, nn.Linear):
+        return w
+    raise TypeError(f"{type(module).__name__} is not a factorizable layer (Linear, Conv2d, Conv1D)")
 
 
 def saves_parameters(m: int, n: int, r: int) -> bool:
-    """r(m + n) < m·n: factorizing at rank r has fewer weights than the dense layer."""
+    """r(m + n) < m·n, i.e. r < mn/(m+n): factorizing at rank r has fewer weights than the dense layer."""
     return r * (m + n) < m * n
 
 

@@ -21,8 +21,9 @@ from torch import nn
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.config import LowRankConfig, config_to_dict
 from dist_lowrank.controller import LowRankController
+from dist_lowrank.errors import ConfigError
 from dist_lowrank.inrank_model import to_inrank
-from dist_lowrank.layers import frobenius_decay_
+from dist_lowrank.layers import frobenius_decay_, frobenius_penalty
 from dist_lowrank.surgery import count_parameters
 from dist_lowrank.telemetry.analytic import expected_step_bytes, family
 from dist_lowrank.telemetry.comm import CommCounter
@@ -145,6 +146,10 @@ class RunLogger:
 def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     """Train for run.steps optimizer steps; return (and on rank 0 write) the run summary."""
     rank, world = _rank_world()
+    if lowrank.cuttlefish.frobenius_decay > 0 and (run.backend == "fsdp2" or
+                                                   (run.backend == "deepspeed" and run.zero_stage == 3)):
+        raise ConfigError("lowrank.cuttlefish.frobenius_decay: not supported with sharded parameters (fsdp2, "
+                          "ZeRO-3) yet; allowed there: 0")
     torch.manual_seed(run.seed)
     task = build_task(run)
     params_full = count_parameters(task.model_fn())
@@ -183,9 +188,12 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
         context = controller.record_shapes() if controller else nullcontext()
         with context:
             loss = task.loss_fn(backend.model, batch)
+        decay = lowrank.cuttlefish.frobenius_decay if controller and controller.ranks else 0.0
+        if decay > 0 and run.backend == "deepspeed":  # ZeRO takes gradients into its own buffers: use the loss
+            loss = loss + frobenius_penalty(backend.unwrapped_model(), decay)
         backend.backward(loss)
-        if controller and controller.ranks and lowrank.cuttlefish.frobenius_decay > 0:
-            frobenius_decay_(backend.unwrapped_model(), lowrank.cuttlefish.frobenius_decay)
+        if decay > 0 and run.backend != "deepspeed":
+            frobenius_decay_(backend.unwrapped_model(), decay)
         backend.step()
         loss_value = float(loss.detach())
         step_time = time.perf_counter() - start

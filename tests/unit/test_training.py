@@ -67,3 +67,13 @@ def test_local_switch_keeps_untouched_optimizer_state_bitwise():
         backend.step()
     assert losses[-1] < losses[0]
     assert float(backend.optimizer.state[named["2.first.weight"]]["step"]) == 5
+
+
+def test_frobenius_decay_on_sharded_parameters_is_refused_before_any_work(tmp_path):
+    from dist_lowrank.errors import ConfigError
+
+    run, lowrank = load_train_config("configs/demo.yaml", ["run.backend=fsdp2", "lowrank.cuttlefish.frobenius_decay=0.1",
+                                                           f"run.out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="frobenius_decay"):
+        train(run, lowrank)
+    assert not (tmp_path / "events.jsonl").exists()

@@ -37,6 +37,12 @@ class ShardView:
             raise ValueError(f"{self.name}: shard [{self.flat_offset}, {end}) outside a {m}x{n} matrix")
 
 
+def replicated_view(name: str, param: torch.Tensor) -> ShardView:
+    """The whole parameter, held by every rank, viewed as (dim 0 × the rest)."""
+    p = param.detach()
+    return ShardView(name, (p.shape[0], p[0].numel()), 0, p.reshape(-1), replicated=True)
+
+
 def row_runs(offset: int, length: int, n: int) -> list[tuple[int, int, int, int]]:
     """Split a flat slice of a row-major (· × n) matrix into (row, col_start, flat_start, count) runs.
 

@@ -26,7 +26,7 @@ def main(run_dir: str) -> None:
     print("|---|" + "---|" * len(names))
     ranks = dict(checks[0]["ranks"])
     caps = dict(checks[0]["capacities"])
-    print(f"| start | " + " | ".join(f"{ranks[n]} / {caps[n]}" for n in names) + " |")
+    print("| start | " + " | ".join(f"{ranks[n]} / {caps[n]}" for n in names) + " |")
     for e in grows:
         ranks.update(e["ranks"])
         caps.update(e["capacities"])

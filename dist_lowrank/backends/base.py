@@ -20,6 +20,7 @@ class Backend(ABC):
     name: str = "base"
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    scheduler: Any = None  # an LR scheduler stepped with the optimizer (backends that own one set it)
 
     @abstractmethod
     def param_views(self, names: list[str]) -> list[Any]:
@@ -43,9 +44,11 @@ class Backend(ABC):
         loss.backward()
 
     def step(self) -> None:
-        """One optimizer step and gradient reset (DeepSpeed overrides: engine.step)."""
+        """One optimizer step, gradient reset and scheduler step (DeepSpeed overrides: engine.step)."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def unwrapped_model(self) -> nn.Module:
         """The user's module without wrappers (names as the user wrote them)."""

@@ -34,7 +34,7 @@ from dist_lowrank.backends.optim_state import embed_state
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
-from dist_lowrank.shard_view import ShardView
+from dist_lowrank.shard_view import ShardView, replicated_view
 from dist_lowrank.surgery import count_parameters, replace_module
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -108,8 +108,7 @@ class DeepSpeedBackend(Backend):
                 local = param.ds_tensor.detach().reshape(-1)[: end - start]
                 views.append(ShardView(name, (shape[0], numel // shape[0]), start, local))
             else:
-                p = param.detach()
-                views.append(ShardView(name, (p.shape[0], p[0].numel()), 0, p.reshape(-1), replicated=True))
+                views.append(replicated_view(name, param))
         return views
 
     # -- switch and growth ------------------------------------------------------------------------

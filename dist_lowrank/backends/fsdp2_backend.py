@@ -27,13 +27,13 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
-from dist_lowrank.backends.optim_state import embed_state, snapshot_state, transplant_state
+from dist_lowrank.backends.optim_state import embed_state, rebuild_optimizer, snapshot_state
 from dist_lowrank.device import comm_device, default_device
 from dist_lowrank.errors import DistLowRankError
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
-from dist_lowrank.shard_view import ShardView
+from dist_lowrank.shard_view import ShardView, replicated_view
 from dist_lowrank.surgery import count_parameters, replace_module
 
 
@@ -63,11 +63,6 @@ class FSDP2Backend(Backend):
         # every structural change so far (layer name -> builder from the meta module), replayed on rebuilds
         self.replacements: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
-    def step(self) -> None:
-        super().step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-
     def param_views(self, names: list[str]) -> list[ShardView]:
         """Row shards (`Shard(0)`) of each parameter, offsets from torch's own placement arithmetic."""
         params = dict(self.model.named_parameters())
@@ -80,7 +75,7 @@ class FSDP2Backend(Backend):
                 local = param.to_local().detach()
                 views.append(ShardView(name, (rows, cols), _row_offset(name, param, local) * cols, local.reshape(-1)))
             else:
-                views.append(ShardView(name, (rows, cols), 0, param.detach().reshape(-1), replicated=True))
+                views.append(replicated_view(name, param))
         return views
 
     def execute(self, plan: Plan) -> dict[str, Any]:
@@ -154,14 +149,11 @@ class FSDP2Backend(Backend):
         self.model = self.optimizer = self.scheduler = None
         del old, old_named, untouched, old_inrank
         self.model = new
-        self.optimizer = self.optimizer_factory(new.parameters())
-        transplant_state(self.optimizer, new_named, snapshot, [n for n in new_named if n not in snapshot])
+        self.optimizer, self.scheduler = rebuild_optimizer(self.optimizer_factory, self.scheduler_factory, new_named,
+                                                           snapshot, scheduler_state)
         for name, state in full_states.items():
             param = new_named[name]
             self.optimizer.state[param] = {key: _shard_like(value, param) for key, value in state.items()}
-        if self.scheduler_factory is not None:
-            self.scheduler = self.scheduler_factory(self.optimizer)
-            self.scheduler.load_state_dict(scheduler_state)
 
     def _build_skeleton(self) -> nn.Module:
         """model_fn on the meta device, every replacement so far replayed, then sharded."""

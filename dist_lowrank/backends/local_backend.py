@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.optim_state import embed_state, snapshot_state, transplant_state
+from dist_lowrank.backends.optim_state import embed_state, rebuild_optimizer, snapshot_state
 from dist_lowrank.device import comm_device
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
-from dist_lowrank.shard_view import ShardView
+from dist_lowrank.shard_view import ShardView, replicated_view
 from dist_lowrank.surgery import apply_rank_plan, count_parameters, replace_module
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -51,19 +51,10 @@ class LocalBackend(Backend):
     def unwrapped_model(self) -> nn.Module:
         return self.module
 
-    def step(self) -> None:
-        super().step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-
     def param_views(self, names: list[str]) -> list[ShardView]:
         """Every rank holds every parameter: replicated views (the monitor spreads layers over ranks)."""
         params = dict(self.module.named_parameters())
-        views = []
-        for name in names:
-            p = params[name].detach()
-            views.append(ShardView(name, (p.shape[0], p[0].numel()), 0, p.reshape(-1), replicated=True))
-        return views
+        return [replicated_view(name, params[name]) for name in names]
 
     def execute(self, plan: Plan) -> dict[str, Any]:
         """Factorize plan.ranks (owner-rank SVDs, broadcast), rebuild wrapper and optimizer, keep state."""
@@ -85,12 +76,9 @@ class LocalBackend(Backend):
         self.release()
         report = apply_rank_plan(self.module, plan.ranks, factors)
         del modules, factors
-        self.optimizer = self.optimizer_factory(self.module.parameters())
-        named = dict(self.module.named_parameters())
-        transplant_state(self.optimizer, named, snapshot, [n for n in named if n not in untouched])
-        if self.scheduler_factory is not None:
-            self.scheduler = self.scheduler_factory(self.optimizer)
-            self.scheduler.load_state_dict(scheduler_state)
+        self.optimizer, self.scheduler = rebuild_optimizer(self.optimizer_factory, self.scheduler_factory,
+                                                           dict(self.module.named_parameters()), snapshot,
+                                                           scheduler_state)
         self.model = self.wrap(self.module)
         gc.collect()
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
@@ -116,11 +104,8 @@ class LocalBackend(Backend):
         new_named = dict(self.module.named_parameters())
         for name in changed & set(snapshot):
             snapshot[name] = embed_state(snapshot[name], new_named[name].shape)
-        self.optimizer = self.optimizer_factory(self.module.parameters())
-        transplant_state(self.optimizer, new_named, snapshot)
-        if self.scheduler_factory is not None:
-            self.scheduler = self.scheduler_factory(self.optimizer)
-            self.scheduler.load_state_dict(scheduler_state)
+        self.optimizer, self.scheduler = rebuild_optimizer(self.optimizer_factory, self.scheduler_factory, new_named,
+                                                           snapshot, scheduler_state)
         self.model = self.wrap(self.module)
         gc.collect()
         return {"seconds": time.perf_counter() - start, "layers": len(grown), "peak_rss_mb": peak_rss_mb()}

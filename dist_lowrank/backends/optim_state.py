@@ -16,7 +16,7 @@ for any torch optimizer without knowing its private state layout (fused/capturab
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -60,6 +60,20 @@ def transplant_state(optimizer: torch.optim.Optimizer, named_params: dict[str, n
                 raise DistLowRankError(f"{name}: optimizer state {key} has shape {tuple(value.shape)}, "
                                        f"parameter has {tuple(param.shape)}")
         optimizer.state[param] = dict(state)
+
+
+def rebuild_optimizer(optimizer_factory: Callable, scheduler_factory: Optional[Callable],
+                      named_params: dict[str, nn.Parameter], snapshot: dict[str, dict],
+                      scheduler_state: Optional[dict]) -> tuple[torch.optim.Optimizer, Any]:
+    """A new optimizer over the rebuilt model's parameters with the snapshot installed, and the scheduler
+    re-bound to it at its old position (LR schedule and step count continue across the rebuild)."""
+    optimizer = optimizer_factory(named_params.values())
+    transplant_state(optimizer, named_params, snapshot)
+    scheduler = None
+    if scheduler_factory is not None:
+        scheduler = scheduler_factory(optimizer)
+        scheduler.load_state_dict(scheduler_state)
+    return optimizer, scheduler
 
 
 def embed_state(state: dict, new_shape: torch.Size) -> dict:

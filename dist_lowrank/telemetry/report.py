@@ -122,7 +122,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- steps {s['steps']}, wall {s['wall_seconds']:.1f} s, switch at step {_fmt(s['switch_step'])}",
              f"- parameters {_fmt(s['params_full'])} → {_fmt(s['params_final'])} "
              f"({_fmt(report['compression'], 2)}× smaller)",
-             f"- final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in s["final_eval"].items() if k != "step"),
+             "- final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in s["final_eval"].items() if k != "step"),
              f"- communication per step, full / low rank: {_fmt(report['comm_full_over_low'], 2)}×; "
              f"throughput low / full: {_fmt(report['throughput_low_over_full'], 2)}×", "",
              "## Per phase (medians over steady-state log windows)", "",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.distributed.switch_common import (train_after_switch, GLOBAL_BATCH, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input,
+from tests.distributed.switch_common import (train_after_switch, GLOBAL_BATCH, PLAN_RANKS, PRE_STEPS, UNTOUCHED, fixed_input,
                                       local_batch, loss_fn, make_model, optimizer_factory, scheduler_factory)
 
 

@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import nn
 
-from tests.distributed.switch_common import (train_after_switch, PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
+from tests.distributed.switch_common import (train_after_switch, PLAN_RANKS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
                                       loss_fn, make_model, optimizer_factory, scheduler_factory)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from tests.distributed.fsdp_workers import (CONV_PRE_STEPS, assert_conv_switch, conv_reference, conv_switch_worker,
                                            fsdp2_switch_worker, fsdp2_uneven_views_worker, uneven_model)

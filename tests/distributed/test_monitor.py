@@ -1,7 +1,6 @@
 """Shard-aware monitor and coordinator on 2 real gloo ranks, against single-process exact values."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

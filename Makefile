@@ -35,7 +35,7 @@ demo: setup
 
 # The same job full-rank, for comparison (runs/gpt-baseline).
 baseline: setup
-	$(VENV)/bin/dist-lowrank train configs/gpt_shakespeare_zero2.yaml --override lowrank.strategy=none --override run.out_dir=runs/gpt-baseline
+	$(VENV)/bin/dist-lowrank train configs/gpt_shakespeare_fullrank.yaml
 
 # One process: VGG-style CNN on Fashion-MNIST with Cuttlefish, and its full-rank baseline.
 demo-cnn: setup

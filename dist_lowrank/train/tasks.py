@@ -71,12 +71,17 @@ def fmnist_cnn(run: RunConfig) -> Task:
 
 
 def shakespeare_gpt(run: RunConfig) -> Task:
-    """Character-level GPT on Shakespeare; whole plays held out for validation (validation loss in nats)."""
+    """GPT on Shakespeare (characters or GPT-2 BPE); whole plays held out for validation (loss in nats/token)."""
     from dist_lowrank.data.shakespeare import CharTokenizer, load_plays
     from dist_lowrank.models.gpt import GPT
 
     train_text, val_text = load_plays()
-    tokenizer = CharTokenizer(train_text + val_text)
+    if run.tokenizer == "gpt2":
+        from dist_lowrank.data.bpe import GPT2Tokenizer
+
+        tokenizer = GPT2Tokenizer()
+    else:
+        tokenizer = CharTokenizer(train_text + val_text)
     train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
     if run.limit_train:
         train_ids = train_ids[: run.limit_train + run.block_size + 1]

@@ -86,6 +86,8 @@ RANGES: dict[str, Range | OneOf] = {
     "run.eval_every": ge(0),
     "run.eval_samples": ge(0),
     "run.log_every": ge(1),
+    "run.checkpoint_every": ge(0),
+    "run.keep_checkpoints": ge(0),
     "run.width": ge(1),
     "run.hidden": ge(1),
     "run.limit_train": ge(1),

@@ -34,13 +34,19 @@ class LowRankController:
     """Decides and carries out rank changes for one backend, identically on every rank."""
 
     def __init__(self, backend: Backend, cfg: LowRankConfig, steps_per_epoch: Optional[int] = None,
-                 on_event: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
+                 on_event: Optional[Callable[[dict[str, Any]], None]] = None,
+                 resume_state: Optional[dict[str, Any]] = None) -> None:
+        """resume_state: a checkpoint's `state_dict()`; after a finished strategy (e.g. past the switch) the
+        targets are factorized already, so nothing is selected and only the ranks are restored."""
         self.backend, self.cfg = backend, cfg
         self.on_event = on_event or (lambda event: None)
         model = backend.unwrapped_model()
         self.inrank = cfg.strategy == "inrank"
         self.capacities: dict[str, int] = {}
-        if self.inrank:
+        finished = bool(resume_state and resume_state.get("finished"))
+        if finished:
+            self.modules, self.dims = {}, {}
+        elif self.inrank:
             layers = inrank_layers(model)
             if not layers:
                 raise ConfigError("lowrank.strategy: 'inrank' needs a model converted with "
@@ -52,7 +58,7 @@ class LowRankController:
             self.modules = select_targets(model, cfg.target_modules, cfg.exclude_modules)
             self.dims = {v.name: tuple(v.dims) for v in backend.shard_views(list(self.modules))}
         self.names = list(self.modules)
-        self.strategy = build_strategy(cfg, self.dims)
+        self.strategy = None if finished else build_strategy(cfg, self.dims)
         self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps)
         self.coordinator = Coordinator()
         self.cadence = self._cadence_steps(cfg, steps_per_epoch)
@@ -61,6 +67,8 @@ class LowRankController:
         self.ranks: dict[str, int] = {n: cfg.inrank.init_rank for n in self.modules} if self.inrank else {}
         self.events: list[dict[str, Any]] = []
         self.last_estimate: dict[str, float] = {}
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
 
     @staticmethod
     def _cadence_steps(cfg: LowRankConfig, steps_per_epoch: Optional[int]) -> int:
@@ -188,7 +196,8 @@ class LowRankController:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to make the same decisions (strategy state, ranks, counters)."""
         return {"strategy": self.strategy.state_dict() if self.strategy else None, "ranks": dict(self.ranks),
-                "capacities": dict(self.capacities), "skipped_steps": self.skipped_steps}
+                "capacities": dict(self.capacities), "skipped_steps": self.skipped_steps,
+                "finished": not self.active}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.strategy is not None and state.get("strategy") is not None:

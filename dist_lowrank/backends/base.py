@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -53,3 +54,22 @@ class Backend(ABC):
     def unwrapped_model(self) -> nn.Module:
         """The user's module without wrappers (names as the user wrote them)."""
         return self.model
+
+    # -- checkpoints (collective; the directory exists on every rank) -------------------------------
+    def engine_meta(self) -> dict[str, Any]:
+        """Engine bookkeeping a loader needs before building the engine (stored in the manifest)."""
+        return {}
+
+    @abstractmethod
+    def save_state(self, directory: Path, manifest_json: str) -> None:
+        """Write model + optimizer (+ scheduler) state in this engine's own format, with the manifest inside
+        where the format has room."""
+
+    @abstractmethod
+    def load_state(self, directory: Path, engine_meta: dict[str, Any]) -> None:
+        """Load what `save_state` wrote into an engine built with the manifest's shapes; `engine_meta` is
+        what `engine_meta()` returned at save time."""
+
+    @abstractmethod
+    def export_fp32(self) -> Optional[dict[str, torch.Tensor]]:
+        """Collective: the consolidated fp32 state dict (full tensors) on rank 0, None elsewhere."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -30,6 +31,7 @@ from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
 from dist_lowrank.device import comm_device
+from dist_lowrank.errors import CheckpointError
 from dist_lowrank.backends.optim_state import embed_state
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
@@ -48,13 +50,20 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, model: nn.Module, config: dict, optimizer_factory: Optional[OptimizerFactory] = None,
                  scheduler_factory: Optional[SchedulerFactory] = None, model_fn: Optional[Callable] = None,
-                 **initialize_kwargs: Any) -> None:
+                 group_names: Optional[list[list[str]]] = None, **initialize_kwargs: Any) -> None:
+        """group_names: the client param groups by parameter name (a resumed run passes the saved layout,
+        since ZeRO's optimizer checkpoint is per group); default one group of every parameter."""
         init_deepspeed_distributed()
         self.config = dict(config)
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
         self.initialize_kwargs = initialize_kwargs
-        self.group_names: list[list[str]] = [[n for n, _ in model.named_parameters()]]
+        names = [n for n, _ in model.named_parameters()]
+        self.group_names: list[list[str]] = [list(g) for g in group_names] if group_names else [names]
+        listed = [n for g in self.group_names for n in g]
+        if sorted(listed) != sorted(names):
+            raise CheckpointError(f"param groups: saved layout names {sorted(set(listed) ^ set(names))[:3]} "
+                                  f"that the model does not have (or misses some it has)")
         self.engine, self.dataloader = self._initialize(model, first=True)
 
     # -- engine plumbing ---------------------------------------------------------------------------
@@ -91,6 +100,36 @@ class DeepSpeedBackend(Backend):
         """The torch optimizer that holds the flat fp32 partitions' state."""
         opt = self.engine.optimizer
         return getattr(opt, "optimizer", opt)
+
+    # -- checkpoints: DeepSpeed's own format (engine.save_checkpoint / load_checkpoint) --------------
+    CHECKPOINT_TAG = "engine"
+
+    def engine_meta(self) -> dict[str, Any]:
+        return {"group_names": [list(g) for g in self.group_names], "zero_stage": self.stage}
+
+    def save_state(self, directory: Path, manifest_json: str) -> None:
+        self.engine.save_checkpoint(str(directory), tag=self.CHECKPOINT_TAG,
+                                    client_state={"dist_lowrank_manifest": manifest_json}, save_latest=False)
+
+    def load_state(self, directory: Path, engine_meta: Optional[dict[str, Any]] = None) -> None:
+        saved_stage = (engine_meta or {}).get("zero_stage", self.stage)
+        if saved_stage != self.stage:
+            raise CheckpointError(f"{directory}: saved with ZeRO stage {saved_stage}, this engine is stage "
+                                  f"{self.stage} (convert with DeepSpeed's universal checkpoint)")
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=self.CHECKPOINT_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        except RuntimeError as exc:  # size mismatch in the module state dict names the parameter
+            raise CheckpointError(f"{directory}: {str(exc).splitlines()[0][:300]}") from exc
+        if path is None:
+            raise CheckpointError(f"{directory}/{self.CHECKPOINT_TAG}: DeepSpeed found no checkpoint to load")
+
+    def export_fp32(self) -> Optional[dict[str, torch.Tensor]]:
+        """fp32 masters of every parameter (collective under ZeRO-3) plus buffers, on rank 0."""
+        module = self.engine.module
+        out = {name: _full_fp32(param) for name, param in module.named_parameters()}
+        out.update({name: buf.detach().float().cpu().clone() for name, buf in module.named_buffers()})
+        return out if not dist.is_initialized() or dist.get_rank() == 0 else None
 
     # -- monitor -----------------------------------------------------------------------------------
     def param_views(self, names: list[str]) -> list[ShardView]:

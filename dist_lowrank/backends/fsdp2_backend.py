@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,7 +30,7 @@ from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
 from dist_lowrank.backends.optim_state import embed_state, rebuild_optimizer, snapshot_state
 from dist_lowrank.device import comm_device, default_device
-from dist_lowrank.errors import DistLowRankError
+from dist_lowrank.errors import CheckpointError, DistLowRankError
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
@@ -154,6 +155,57 @@ class FSDP2Backend(Backend):
         for name, state in full_states.items():
             param = new_named[name]
             self.optimizer.state[param] = {key: _shard_like(value, param) for key, value in state.items()}
+
+    # -- checkpoints: torch.distributed.checkpoint (sharded files, resharded on load) ------------------
+    def save_state(self, directory: Path, manifest_json: str) -> None:
+        """DCP save of model + optimizer state keyed by parameter name; parameters that have no optimizer
+        state yet (factors before their first step) are listed in the manifest's engine meta."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "manifest": manifest_json}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        dcp.save(state, checkpoint_id=str(directory))
+
+    def engine_meta(self) -> dict[str, Any]:
+        return {"stateless_params": sorted(n for n, p in self.model.named_parameters()
+                                           if p.requires_grad and not self.optimizer.state.get(p))}
+
+    def load_state(self, directory: Path, engine_meta: Optional[dict[str, Any]] = None) -> None:
+        """DCP load into this (possibly differently sized) sharded model; parameters saved without optimizer
+        state get none here either, so Adam starts them lazily exactly as the uninterrupted run does."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        stateless = set((engine_meta or {}).get("stateless_params", []))
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # initializes every param's state
+        optim_sd["state"] = {k: v for k, v in optim_sd["state"].items() if k not in stateless}
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        try:
+            dcp.load(state, checkpoint_id=str(directory))
+        except Exception as exc:  # DCP reports shape/key mismatches as a CheckpointException per rank
+            raise CheckpointError(f"{directory}: cannot load into this model: {str(exc).splitlines()[0][:300]}") from exc
+        # strict=False only lets the stateless parameters through: dcp.load above already required every
+        # model key and every other parameter's optimizer state to be in the checkpoint.
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not stateless))
+        for name, param in self.model.named_parameters():
+            if name in stateless:
+                self.optimizer.state.pop(param, None)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def export_fp32(self) -> Optional[dict[str, torch.Tensor]]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return {k: v.float().clone() for k, v in full.items()}
 
     def _build_skeleton(self) -> nn.Module:
         """model_fn on the meta device, every replacement so far replayed, then sharded."""

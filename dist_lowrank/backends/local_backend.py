@@ -9,14 +9,17 @@ from __future__ import annotations
 import gc
 import resource
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.optim_state import embed_state, rebuild_optimizer, snapshot_state
+from dist_lowrank.backends.optim_state import (embed_state, group_hyperparams, rebuild_optimizer,
+                                               restore_group_hyperparams, snapshot_state, transplant_state)
 from dist_lowrank.device import comm_device
+from dist_lowrank.errors import CheckpointError
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView, replicated_view
@@ -110,8 +113,64 @@ class LocalBackend(Backend):
         gc.collect()
         return {"seconds": time.perf_counter() - start, "layers": len(grown), "peak_rss_mb": peak_rss_mb()}
 
+    # -- checkpoints: plain state dicts keyed by parameter name (any world size loads them) ----------
+    STATE_FILE = "state.pt"
+
+    def save_state(self, directory: Path, manifest_json: str) -> None:
+        """Rank 0 writes module state, optimizer state by parameter name, group hyperparameters, scheduler."""
+        if _rank() != 0:
+            return
+        named = dict(self.module.named_parameters())
+        torch.save({"manifest": manifest_json, "model": self.module.state_dict(),
+                    "optimizer": snapshot_state(self.optimizer, named, copy=False),
+                    "param_groups": group_hyperparams(self.optimizer),
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None},
+                   Path(directory) / self.STATE_FILE)
+
+    def load_state(self, directory: Path, engine_meta: Optional[dict[str, Any]] = None) -> None:
+        path = Path(directory) / self.STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (checkpoint written by another backend?)")
+        state = torch.load(path, map_location=next(self.module.parameters()).device, weights_only=False)
+        load_module_state(self.module, state["model"], path)
+        named = dict(self.module.named_parameters())
+        self.optimizer.state.clear()
+        try:
+            transplant_state(self.optimizer, named, state["optimizer"])
+            restore_group_hyperparams(self.optimizer, state["param_groups"])
+        except Exception as exc:
+            raise CheckpointError(f"{path}: optimizer state does not fit the model: {exc}") from exc
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def export_fp32(self) -> Optional[dict[str, torch.Tensor]]:
+        if _rank() != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
     def release(self) -> None:
         """Drop the wrapper and optimizer that reference the old parameters."""
         self.model = None
         self.optimizer = None
         self.scheduler = None
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """module.load_state_dict, with a shape or key mismatch reported in one line naming the first tensor."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: keys differ from the model: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]} (built with another layout?)")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint, "
+                                  f"{tuple(own[key].shape)} in the model")
+    module.load_state_dict(state)

@@ -88,3 +88,17 @@ def embed_state(state: dict, new_shape: torch.Size) -> dict:
         else:
             out[key] = _clone(value)
     return out
+
+
+def group_hyperparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters (lr as a scheduler left it, betas, ...), without the params."""
+    return [{k: _clone(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def restore_group_hyperparams(optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]]) -> None:
+    """Put saved hyperparameters back into a rebuilt optimizer with the same number of groups."""
+    if len(saved) != len(optimizer.param_groups):
+        raise DistLowRankError(f"optimizer: checkpoint has {len(saved)} param groups, the rebuilt optimizer "
+                               f"{len(optimizer.param_groups)}")
+    for group, values in zip(optimizer.param_groups, saved):
+        group.update(values)

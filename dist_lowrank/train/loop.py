@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_lowrank.backends.base import Backend
+from dist_lowrank.checkpoint.manifest import Manifest, apply_layout
 from dist_lowrank.config import LowRankConfig, config_to_dict
 from dist_lowrank.controller import LowRankController
 from dist_lowrank.errors import ConfigError
@@ -27,6 +28,7 @@ from dist_lowrank.layers import frobenius_decay_, frobenius_penalty
 from dist_lowrank.surgery import count_parameters
 from dist_lowrank.telemetry.analytic import expected_step_bytes, family
 from dist_lowrank.telemetry.comm import CommCounter
+from dist_lowrank.train.checkpointing import export_fp32, find_resume, load_checkpoint, save_checkpoint
 from dist_lowrank.train.run_config import RunConfig
 from dist_lowrank.train.tasks import Task, build_task
 
@@ -57,11 +59,14 @@ def trainable_shapes(model: nn.Module) -> list[tuple[int, ...]]:
     return [tuple(getattr(p, "ds_shape", p.shape)) for p in model.parameters() if p.requires_grad]
 
 
-def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig, comm_hook=None) -> Backend:
-    """The engine named in the run config, around the task's model (in InRank form for InRank)."""
+def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig, comm_hook=None,
+                 manifest: Optional[Manifest] = None) -> Backend:
+    """The engine named in the run config, around the task's model (in InRank form for InRank); on resume
+    with the checkpoint's layer shapes (and DeepSpeed's param-group layout) before the engine exists."""
     def model_fn() -> nn.Module:
         model = task.model_fn()
-        return to_inrank(model, lowrank) if lowrank.strategy == "inrank" else model
+        model = to_inrank(model, lowrank) if lowrank.strategy == "inrank" else model
+        return apply_layout(model, manifest.layout) if manifest is not None else model
 
     def optimizer_factory(params):
         return torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
@@ -83,23 +88,29 @@ def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig, comm_hook=N
     ds_config = {"train_micro_batch_size_per_gpu": run.batch_size, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": run.zero_stage, "stage3_param_persistence_threshold": 0},
                  "steps_per_print": 10**9}
-    return DeepSpeedBackend(model_fn(), ds_config, optimizer_factory)
+    groups = manifest.engine.get("group_names") if manifest is not None else None
+    return DeepSpeedBackend(model_fn(), ds_config, optimizer_factory, group_names=groups)
 
 
 class RunLogger:
     """JSON-lines log of metrics and controller events (rank 0 only), plus TensorBoard scalars."""
 
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True, resume_step: Optional[int] = None) -> None:
+        """resume_step: continue a run's logs from that step (records after it, from the interrupted
+        attempt, are dropped; TensorBoard purges them the same way with purge_step)."""
         self.enabled = enabled
         self.path = Path(out_dir)
         self.writer = None
         if enabled:
             self.path.mkdir(parents=True, exist_ok=True)
+            kept = _records_until(self.path / "events.jsonl", resume_step) if resume_step is not None else []
             self.file = open(self.path / "events.jsonl", "w")
+            self.file.writelines(kept)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.path / "tb"))
+                purge = resume_step + 1 if resume_step is not None else None
+                self.writer = SummaryWriter(str(self.path / "tb"), purge_step=purge)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -143,6 +154,21 @@ class RunLogger:
                 self.writer.close()
 
 
+def _records_until(path: Path, step: int) -> list[str]:
+    """Lines of a JSON-lines log whose step is at most `step` (the resumed prefix of an earlier attempt)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if record.get("event") != "summary" and int(record.get("step", 0)) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
 def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     """Train for run.steps optimizer steps; return (and on rank 0 write) the run summary."""
     rank, world = _rank_world()
@@ -150,13 +176,21 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
                                                    (run.backend == "deepspeed" and run.zero_stage == 3)):
         raise ConfigError("lowrank.cuttlefish.frobenius_decay: not supported with sharded parameters (fsdp2, "
                           "ZeRO-3) yet; allowed there: 0")
+    if run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    resume = find_resume(run, lowrank)  # the manifest is read before any model is built
+    manifest = resume[1] if resume else None
+    start_step = manifest.step if manifest else 0
     torch.manual_seed(run.seed)
     task = build_task(run)
     params_full = count_parameters(task.model_fn())
     counter = CommCounter().install()  # before DeepSpeed builds its comm backend
-    backend = make_backend(run, task, lowrank, comm_hook=counter.ddp_hook())
-    logger = RunLogger(run.out_dir, enabled=rank == 0)
-    logger.log({"event": "config", "run": vars(run), "lowrank": config_to_dict(lowrank), "world_size": world})
+    backend = make_backend(run, task, lowrank, comm_hook=counter.ddp_hook(), manifest=manifest)
+    if resume:
+        load_checkpoint(backend, *resume)
+    logger = RunLogger(run.out_dir, enabled=rank == 0, resume_step=start_step if resume else None)
+    logger.log({"event": "config", "run": vars(run), "lowrank": config_to_dict(lowrank), "world_size": world,
+                "step": start_step, "resumed_from": str(resume[0]) if resume else None})
     model_name = comm_model_name(run)
 
     def log_comm_model(step: int, phase: str) -> None:
@@ -165,24 +199,35 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
         logger.log({"event": "comm_model", "step": step, "phase": phase, "model": model_name, "expected": expected,
                     "params": count_parameters(backend.unwrapped_model())})
 
-    phase = "full"
-    log_comm_model(0, phase)
+    phase = manifest.phase if manifest else "full"
+    log_comm_model(start_step, phase)
     window: dict[str, float] = {}
     window_steps = 0
     steps_per_epoch = max(1, task.samples_per_epoch // (run.batch_size * world))
     controller: Optional[LowRankController] = None
     if lowrank.strategy != "none":
-        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, on_event=logger.log)
-        controller.start()
+        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, on_event=logger.log,
+                                       resume_state=manifest.controller if manifest else None)
+        if not manifest:
+            controller.start()
     batches = task.batches(rank, world)
+    for _ in range(start_step):  # the data order is a function of the step: skip what was trained
+        next(batches)
+
+    def checkpoint(step: int) -> None:
+        with counter.pause():
+            path = save_checkpoint(run, lowrank, backend, controller.state_dict() if controller else None, step,
+                                   phase, switch_step)
+        logger.log({"event": "checkpoint", "step": step, "path": str(path)})
     show_bar = rank == 0 and sys.stderr.isatty() and not os.environ.get("CI")
     from tqdm import tqdm
 
     bar = tqdm(total=run.steps, disable=not show_bar, desc="train", dynamic_ncols=True)
     wall_start = time.perf_counter()
     evals: list[dict[str, Any]] = []
-    switch_step: Optional[int] = None
-    for step in range(1, run.steps + 1):
+    switch_step: Optional[int] = manifest.switch_step if manifest else None
+    bar.update(start_step)
+    for step in range(start_step + 1, run.steps + 1):
         start = time.perf_counter()
         batch = next(batches)
         context = controller.record_shapes() if controller else nullcontext()
@@ -230,7 +275,12 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
             logger.log({"event": "eval", "step": step, **metrics})
             if rank == 0:
                 tqdm.write(f"[step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if run.checkpoint_every and (step % run.checkpoint_every == 0 or step == run.steps):
+            checkpoint(step)
     bar.close()
+    if run.export_fp32:
+        with counter.pause():
+            export_fp32(backend, Path(run.out_dir))
     counter.uninstall()
     summary = {
         "task": run.task, "backend": run.backend, "world_size": world, "strategy": lowrank.strategy,

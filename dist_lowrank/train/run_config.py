@@ -38,3 +38,13 @@ class RunConfig:
     n_layer: int = _help("GPT blocks", default=4)
     n_head: int = _help("GPT attention heads", default=4)
     n_embd: int = _help("GPT embedding width", default=128)
+    checkpoint_every: int = _help("save a checkpoint every N steps and at the end (0 = never)", default=0)
+    checkpoint_dir: str = _help("where checkpoints go (empty = <out_dir>/checkpoints)", default="")
+    keep_checkpoints: int = _help("keep the newest N complete checkpoints (0 = all)", default=2)
+    resume: str = _help("'auto' = from the latest complete checkpoint if there is one, 'never', or a "
+                        "checkpoint directory", default="auto")
+    allow_config_change: bool = _help("resume even though config keys other than steps/cadences/world size "
+                                      "changed since the checkpoint", default=False)
+    export_fp32: bool = _help("write the consolidated fp32 state dict (model_fp32.pt + layout.json) at the end",
+                              default=False)
+    deterministic: bool = _help("torch.use_deterministic_algorithms(True): bitwise-repeatable runs", default=False)

@@ -1,0 +1,129 @@
+"""The checkpoint manifest: plain JSON that says which shapes the model had, readable before any model exists.
+
+A run that switched or grew has layers whose parameter shapes differ from a freshly built model's, and no
+engine can load state into the wrong shapes. So every checkpoint carries `manifest.json`: the layer layout
+(layer → factorized rank, or InRank width and capacity), the controller's decision state, the config and
+its digest, world size, seed and the engine's own bookkeeping (e.g. DeepSpeed's param-group layout).
+Resume reads it first, builds the model with those shapes (`apply_layout`), then lets the engine load.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from dist_lowrank.errors import CheckpointError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    """Everything a loader needs before it builds the model (see the module docstring)."""
+
+    step: int
+    phase: str                                   # "full", "low" or "grown@<step>"
+    switch_step: Optional[int]
+    layout: dict[str, dict[str, Any]]           # layer → {"type": "lowrank", "rank"} | {"type": "inrank", ...}
+    controller: Optional[dict[str, Any]]        # LowRankController.state_dict() (strategy/detector state)
+    config: dict[str, Any]                      # {"run": ..., "lowrank": ...} as plain dicts
+    config_digest: str
+    world_size: int
+    seed: int
+    backend: str
+    engine: dict[str, Any] = field(default_factory=dict)  # backend bookkeeping (DeepSpeed group layout, ...)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    path = Path(directory) / MANIFEST
+    path.write_text(manifest.to_json())
+    return path
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """The manifest of a checkpoint directory; one CheckpointError line naming the file if it is unusable."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a dist_lowrank checkpoint, or its save did not finish)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {data.get('format_version')!r}; this version reads "
+                              f"{FORMAT_VERSION}")
+    names = {f.name for f in Manifest.__dataclass_fields__.values()}
+    missing = sorted(names - set(data) - {"engine"})
+    unknown = sorted(set(data) - names)
+    if missing or unknown:
+        raise CheckpointError(f"{path}: missing keys {missing}, unknown keys {unknown}")
+    for name, entry in data["layout"].items():
+        if not isinstance(entry, dict) or entry.get("type") not in ("lowrank", "inrank"):
+            raise CheckpointError(f"{path}: layout.{name}: expected {{'type': 'lowrank'|'inrank', ...}}, "
+                                  f"got {entry!r}")
+    return Manifest(**data)
+
+
+def layout_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The shape-changing layers of a live model: factorized (rank) and InRank (width, capacity)."""
+    from dist_lowrank.layers import InRankLinear, LowRankConv2d, LowRankLinear
+
+    layout: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (LowRankLinear, LowRankConv2d)):
+            layout[name] = {"type": "lowrank", "rank": int(module.rank)}
+        elif isinstance(module, InRankLinear):
+            layout[name] = {"type": "inrank", "width": int(module.rank), "capacity": int(module.capacity)}
+    return layout
+
+
+def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Module:
+    """Give a freshly built model the checkpoint's shapes (values are left for the engine to load).
+
+    Factorized layers become empty factorized modules of the saved rank; InRank layers get the saved
+    capacity and active width. A layer the model does not have, or of the wrong kind, fails loudly with
+    its name.
+    """
+    from dist_lowrank.layers import InRankLinear, empty_factorized, is_factorizable
+    from dist_lowrank.surgery import replace_module
+
+    modules = dict(model.named_modules())
+    for name, entry in sorted(layout.items()):
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"layout.{name}: the model has no such layer")
+        if entry["type"] == "lowrank":
+            if not (is_factorizable(module) or isinstance(module, InRankLinear)):
+                raise CheckpointError(f"layout.{name}: saved as factorized, but the model's layer is "
+                                      f"{type(module).__name__}")
+            reference = next(module.parameters())
+            replace_module(model, name, empty_factorized(module, int(entry["rank"]), device=reference.device,
+                                                         dtype=reference.dtype))
+        else:
+            if not isinstance(module, InRankLinear):
+                raise CheckpointError(f"layout.{name}: saved as InRank, but the model's layer is "
+                                      f"{type(module).__name__} (was the model converted with to_inrank?)")
+            grown = module.with_capacity(int(entry["capacity"])) if entry["capacity"] != module.capacity else module
+            if entry["width"] != grown.rank:
+                grown.grow(int(entry["width"]))
+            if grown is not module:
+                replace_module(model, name, grown)
+    return model
+
+
+def check_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> None:
+    """The live model has exactly the saved layout; otherwise name the first layer that differs."""
+    live = layout_of(model)
+    for name in sorted(set(live) | set(layout)):
+        if live.get(name) != layout.get(name):
+            raise CheckpointError(f"layout.{name}: checkpoint has {layout.get(name)}, model has {live.get(name)}")

@@ -93,6 +93,9 @@ class SwitchConfig:
     factor_moments: Literal["zero"] = _help(
         "optimizer moments of new factors: zero (old moments belong to another parameterization)", default="zero"
     )
+    barrier_timeout_s: float = _help(
+        "every rank must reach a reshard within this many seconds of the first; else the straggling ranks are "
+        "named in an error on every rank (> 0)", check=gt(0), default=600.0)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dist_lowrank.config import LowRankConfig
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import default_device
 from dist_lowrank.errors import ConfigError
+from dist_lowrank.faults import maybe_fault
 from dist_lowrank.inrank_model import inrank_layers
 from dist_lowrank.monitor import RankMonitor
 from dist_lowrank.plan import Plan
@@ -158,6 +159,7 @@ class LowRankController:
                     modules[name].grow(width)  # within capacity: no tensor changes, no reshard
             measurements = {}
             if plan.capacities:
+                self.coordinator.arrive(f"growth reshard at step {step}", self.cfg.switch.barrier_timeout_s)
                 measurements = self.backend.execute(Plan("grow", step, {n: widths[n] for n in plan.capacities},
                                                          capacities=dict(plan.capacities)))
             self.capacities.update(plan.capacities)
@@ -180,6 +182,8 @@ class LowRankController:
             plan = self.coordinator.agree(plan)
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)
+        maybe_fault("switch", plan.step)
+        self.coordinator.arrive(f"switch at step {plan.step}", self.cfg.switch.barrier_timeout_s)
         measurements = self.backend.execute(plan) if plan.ranks else {}
         measurements = {"per_rank": self.coordinator.gather_objects(measurements), **measurements}
         self.ranks.update(plan.ranks)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dist_lowrank.device import comm_device
-from dist_lowrank.errors import PlanMismatchError, RemoteRankError
+from dist_lowrank.errors import PlanMismatchError, RemoteRankError, StragglerError
 from dist_lowrank.plan import Plan
 
 NO_PLAN = "no-plan"
@@ -29,6 +29,7 @@ class Coordinator:
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
         self.group = group
+        self._monitor_group: Optional[dist.ProcessGroup] = None  # gloo, for monitored_barrier (created on demand)
 
     @property
     def rank(self) -> int:
@@ -77,6 +78,26 @@ class Coordinator:
         if error is not None:
             raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}") from error
         raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}")
+
+    def arrive(self, phase: str, timeout_s: float) -> None:
+        """Collective: wait for every rank before `phase`, at most `timeout_s`; a rank that does not arrive
+        is named (torch's monitored_barrier reports which ranks failed to respond) instead of a silent hang.
+        monitored_barrier needs gloo: with another backend (nccl) a gloo group of the same ranks is used."""
+        if not _distributed():
+            return
+        from datetime import timedelta
+
+        group = self.group
+        if dist.get_backend(group) != "gloo":
+            if self._monitor_group is None:
+                ranks = None if group is None else dist.get_process_group_ranks(group)
+                self._monitor_group = dist.new_group(ranks=ranks, backend="gloo")
+            group = self._monitor_group
+        try:
+            dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except RuntimeError as exc:
+            raise StragglerError(f"{phase}: not every rank arrived within {timeout_s:g}s "
+                                 f"(lowrank.switch.barrier_timeout_s): {str(exc).splitlines()[0]}") from exc
 
     def gather_objects(self, obj: object) -> list:
         """Every rank's `obj`, in rank order, on every rank (small records such as switch measurements)."""

@@ -19,3 +19,7 @@ class RemoteRankError(DistLowRankError):
 
 class CheckpointError(DistLowRankError):
     """A checkpoint or its manifest is missing, incomplete or does not match the model."""
+
+
+class StragglerError(DistLowRankError):
+    """A rank did not reach a collective phase in time; the message names the ranks that were late."""

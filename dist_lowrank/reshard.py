@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dist_lowrank.errors import RemoteRankError
+from dist_lowrank.faults import maybe_fault
 from dist_lowrank.linalg import truncated_svd_factors
 
 
@@ -87,6 +88,7 @@ def _factorize_own(mine, ranks, dtype, device):
         return None, None
     name, full = mine
     try:
+        maybe_fault("factorize")
         if full is None:
             raise RuntimeError(f"{name}: the owner rank did not receive the full weight")
         # fp64 is cheap and stable for nearly equal singular values on small layers; above ~1M elements

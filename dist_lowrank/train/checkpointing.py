@@ -19,10 +19,12 @@ from dist_lowrank.checkpoint.store import begin_save, commit, resolve_checkpoint
 from dist_lowrank.config import LowRankConfig, config_to_dict
 from dist_lowrank.config_io import changed_keys, dataclass_to_dict, digest
 from dist_lowrank.errors import CheckpointError
+from dist_lowrank.faults import maybe_fault
 from dist_lowrank.train.run_config import RunConfig
 
-# Keys a resumed run may change freely: how long and how often, where to, and on how many ranks.
-RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.world_size", "run.eval_every", "run.log_every",
+# Keys a resumed run may change freely: how long and how often, where to, on how many ranks (with the
+# per-rank batch that keeps the global batch).
+RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.world_size", "run.batch_size", "run.eval_every", "run.log_every",
                      "run.checkpoint_every", "run.keep_checkpoints", "run.allow_config_change", "run.export_fp32",
                      "run.out_dir", "run.checkpoint_dir"}
 
@@ -62,6 +64,7 @@ def save_checkpoint(run: RunConfig, lowrank: LowRankConfig, backend: Backend, co
                         engine=backend.engine_meta())
     text = manifest.to_json()
     backend.save_state(directory, text)
+    maybe_fault("save", step)
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_manifest(directory, manifest)
     return commit(root, step, keep=run.keep_checkpoints)

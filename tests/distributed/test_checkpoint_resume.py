@@ -1,0 +1,78 @@
+"""Checkpoint and resume across the switch on 2 gloo ranks (RELIABILITY scenarios 6, 7, 9, 11, 13).
+
+Every run goes through the real `dist-lowrank train` command (tiny GPT, 12 steps, switch forced at step
+8, a checkpoint every 4 steps). The reference of a resumed run is the uninterrupted run of the same job,
+computed in the same test; the reference of the fp32 export is a one-process run.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.distributed.ckpt_common import BACKENDS, checkpoint, cli, exported, losses, summary
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_resume_before_and_right_after_the_switch_is_bitwise(backend, tmp_path):
+    """Scenario 6 (resume at step 4, before the switch) and 7/11 (at step 8, saved right after it): the
+    resumed run switches at the same step to the same ranks, its losses equal the uninterrupted run's bit
+    for bit, and its final weights (consolidated fp32 export) are identical."""
+    extra = BACKENDS[backend] + ["run.export_fp32=true", "run.deterministic=true"]
+    full = tmp_path / "full"
+    cli(full, extra)
+    reference_losses, reference = losses(full), summary(full)
+    assert reference["switch_step"] == 8 and reference["ranks"]
+    manifest = json.loads((checkpoint(full, 8) / "manifest.json").read_text())
+    assert manifest["phase"] == "low" and manifest["switch_step"] == 8
+    assert {n: e["rank"] for n, e in manifest["layout"].items()} == reference["ranks"]
+    for step in (4, 8):
+        out = tmp_path / f"from{step}"
+        cli(out, extra + [f"run.resume={checkpoint(full, step)}"])
+        resumed = losses(out)
+        assert sorted(resumed) == list(range(step + 1, 13))
+        assert {s: resumed[s] for s in resumed} == {s: reference_losses[s] for s in resumed}, f"resume at {step}"
+        assert summary(out)["switch_step"] == 8 and summary(out)["ranks"] == reference["ranks"]
+        mine, theirs = exported(out), exported(full)
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), f"weights differ after resume at {step}"
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_export_after_the_switch_matches_the_manifest_and_one_process(backend, tmp_path):
+    """Scenario 13: the consolidated fp32 state dict of a sharded run has the manifest's factor shapes, and
+    its effective weights U·V equal a one-process run's of the same job."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    cli(out, BACKENDS[backend] + ["run.export_fp32=true"])
+    cli(ref, ["run.backend=local", "run.world_size=1", "run.batch_size=8", "run.export_fp32=true"])
+    state, ref_state = exported(out), exported(ref)
+    layout = json.loads((out / "layout.json").read_text())
+    manifest = json.loads((checkpoint(out, 12) / "manifest.json").read_text())
+    assert layout == manifest["layout"] and layout
+    for name, entry in layout.items():
+        first, second = state[f"{name}.first.weight"], state[f"{name}.second.weight"]
+        assert first.shape[0] == second.shape[1] == entry["rank"]
+        torch.testing.assert_close(second @ first, ref_state[f"{name}.second.weight"] @ ref_state[f"{name}.first.weight"],
+                                   atol=2e-4, rtol=1e-4)
+    assert state.keys() == ref_state.keys()
+
+
+@pytest.mark.parametrize("backend,sizes", [("ddp", (2, 1)), ("fsdp2", (2, 1)), ("fsdp2", (1, 2))])
+def test_world_size_change_on_resume(backend, sizes, tmp_path):
+    """Scenario 9: a checkpoint taken on `before` ranks resumes on `after` ranks (the same global batch):
+    the switch layout comes back from the manifest and the losses follow the uninterrupted run's."""
+    before, after = sizes
+    batch = {1: 8, 2: 4}
+    first = tmp_path / "first"
+    cli(first, BACKENDS[backend] + [f"run.world_size={before}", f"run.batch_size={batch[before]}"])
+    out = tmp_path / "resumed"
+    cli(out, BACKENDS[backend] + [f"run.world_size={after}", f"run.batch_size={batch[after]}",
+                                  f"run.resume={checkpoint(first, 8)}", "run.export_fp32=true"])
+    assert summary(out)["world_size"] == after and summary(out)["ranks"] == summary(first)["ranks"]
+    reference, resumed = losses(first), losses(out)
+    assert sorted(resumed) == list(range(9, 13))
+    for step, value in resumed.items():
+        assert value == pytest.approx(reference[step], abs=1e-4), f"step {step}"

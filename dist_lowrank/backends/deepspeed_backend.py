@@ -30,6 +30,7 @@ from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
+from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import comm_device
 from dist_lowrank.errors import CheckpointError
 from dist_lowrank.backends.optim_state import embed_state
@@ -103,26 +104,63 @@ class DeepSpeedBackend(Backend):
 
     # -- checkpoints: DeepSpeed's own format (engine.save_checkpoint / load_checkpoint) --------------
     CHECKPOINT_TAG = "engine"
+    UNIVERSAL_DIR = "universal"
 
     def engine_meta(self) -> dict[str, Any]:
-        return {"group_names": [list(g) for g in self.group_names], "zero_stage": self.stage}
+        steps = [None if step is None else float(step) for step in self._group_steps()]
+        return {"group_names": [list(g) for g in self.group_names], "zero_stage": self.stage,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1, "group_steps": steps}
 
     def save_state(self, directory: Path, manifest_json: str) -> None:
+        """Native checkpoint; the module carries DeepSpeed's universal-checkpoint marker so that
+        ds_to_universal can convert it for another world size."""
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        if getattr(self.engine.module, UNIVERSAL_CHECKPOINT_INFO, None) is None:
+            setattr(self.engine.module, UNIVERSAL_CHECKPOINT_INFO,
+                    {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
         self.engine.save_checkpoint(str(directory), tag=self.CHECKPOINT_TAG,
                                     client_state={"dist_lowrank_manifest": manifest_json}, save_latest=False)
+
+    @staticmethod
+    def needs_universal(engine_meta: Optional[dict[str, Any]]) -> bool:
+        """A checkpoint from another world size loads through DeepSpeed's universal checkpoint (the engine
+        must be built with `checkpoint.load_universal`)."""
+        saved = (engine_meta or {}).get("world_size")
+        return saved is not None and saved != (dist.get_world_size() if dist.is_initialized() else 1)
 
     def load_state(self, directory: Path, engine_meta: Optional[dict[str, Any]] = None) -> None:
         saved_stage = (engine_meta or {}).get("zero_stage", self.stage)
         if saved_stage != self.stage:
             raise CheckpointError(f"{directory}: saved with ZeRO stage {saved_stage}, this engine is stage "
-                                  f"{self.stage} (convert with DeepSpeed's universal checkpoint)")
+                                  f"{self.stage}; resume with run.zero_stage={saved_stage}")
+        source = Path(directory)
+        if self.needs_universal(engine_meta):
+            if not self.engine.load_universal_checkpoint():
+                raise CheckpointError(f"{directory}: saved on {engine_meta['world_size']} ranks; build the engine "
+                                      f"with checkpoint.load_universal to load it here")
+            source = _universal_copy(source, self.CHECKPOINT_TAG, self.UNIVERSAL_DIR)
         try:
-            path, _ = self.engine.load_checkpoint(str(directory), tag=self.CHECKPOINT_TAG, load_optimizer_states=True,
+            path, _ = self.engine.load_checkpoint(str(source), tag=self.CHECKPOINT_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
-        except RuntimeError as exc:  # size mismatch in the module state dict names the parameter
-            raise CheckpointError(f"{directory}: {str(exc).splitlines()[0][:300]}") from exc
+        except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. size mismatch naming the parameter
+            raise CheckpointError(f"{source}: {str(exc).splitlines()[0][:300]}") from exc
         if path is None:
-            raise CheckpointError(f"{directory}/{self.CHECKPOINT_TAG}: DeepSpeed found no checkpoint to load")
+            raise CheckpointError(f"{source}/{self.CHECKPOINT_TAG}: DeepSpeed found no checkpoint to load")
+        if source != Path(directory):
+            self._restore_group_steps((engine_meta or {}).get("group_steps") or [])
+
+    def _restore_group_steps(self, steps: list[Optional[float]]) -> None:
+        """Each param group's own Adam step after a universal load. DeepSpeed 0.19.8's ZeRO-3 universal
+        loader gives every sub-group the step of the first one; factors added at a switch count their own
+        (smaller) step, and Adam's bias correction depends on it."""
+        base = self._base_optimizer()
+        for index, flat in self._flat_partitions():
+            state = base.state.get(flat)
+            if state and "step" in state and index < len(steps) and steps[index] is not None:
+                old = state["step"]
+                state["step"] = torch.full_like(old, steps[index]) if isinstance(old, torch.Tensor) else steps[index]
 
     def export_fp32(self) -> Optional[dict[str, torch.Tensor]]:
         """fp32 masters of every parameter (collective under ZeRO-3) plus buffers, on rank 0."""
@@ -374,6 +412,28 @@ class DeepSpeedBackend(Backend):
                     safe_set_full_fp32_param(param, full.to(param.device))
                 else:
                     safe_set_full_optimizer_state(param, full.to(param.device), key)
+
+def _universal_copy(directory: Path, tag: str, name: str) -> Path:
+    """Collective: `<directory>/<name>/<tag>`, DeepSpeed's universal form of the native checkpoint, converted
+    once by rank 0 with deepspeed.checkpoint.ds_to_universal (a marker file says the conversion finished)."""
+    import subprocess
+    import sys
+
+    target = directory / name
+    done = target / "CONVERTED"
+    failure: Optional[BaseException] = None
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not done.is_file():
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(directory / tag),
+               "--output_folder", str(target / tag), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            failure = CheckpointError(f"{directory}: conversion to a universal checkpoint failed: {tail[0]}")
+        else:
+            done.write_text("ok\n")
+    Coordinator().raise_if_any_failed(failure, "universal checkpoint conversion")  # no rank left waiting
+    return target
+
 
 def _full_fp32(param: torch.Tensor) -> torch.Tensor:
     """The full fp32 value of a parameter (collective under ZeRO-3): the optimizer's master copy, or for

@@ -89,6 +89,8 @@ def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig, comm_hook=N
                  "zero_optimization": {"stage": run.zero_stage, "stage3_param_persistence_threshold": 0},
                  "steps_per_print": 10**9}
     groups = manifest.engine.get("group_names") if manifest is not None else None
+    if manifest is not None and DeepSpeedBackend.needs_universal(manifest.engine):
+        ds_config["checkpoint"] = {"load_universal": True}  # another world size: DeepSpeed's universal checkpoint
     return DeepSpeedBackend(model_fn(), ds_config, optimizer_factory, group_names=groups)
 
 

@@ -60,10 +60,13 @@ def test_export_after_the_switch_matches_the_manifest_and_one_process(backend, t
     assert state.keys() == ref_state.keys()
 
 
-@pytest.mark.parametrize("backend,sizes", [("ddp", (2, 1)), ("fsdp2", (2, 1)), ("fsdp2", (1, 2))])
+@pytest.mark.parametrize("backend,sizes", [("ddp", (2, 1)), ("fsdp2", (2, 1)), ("fsdp2", (1, 2)), ("zero2", (2, 1)),
+                                           ("zero2", (1, 2)), ("zero3", (2, 1))])
 def test_world_size_change_on_resume(backend, sizes, tmp_path):
-    """Scenario 9: a checkpoint taken on `before` ranks resumes on `after` ranks (the same global batch):
-    the switch layout comes back from the manifest and the losses follow the uninterrupted run's."""
+    """Scenario 9: a checkpoint taken after the switch on `before` ranks resumes on `after` ranks (the same
+    global batch): DDP from plain state dicts, FSDP2 through torch.distributed.checkpoint, DeepSpeed through
+    its universal checkpoint (converted on resume). The layout comes back from the manifest and the losses
+    follow the uninterrupted run's (Adam moments and per-group steps included, or step 10 would differ)."""
     before, after = sizes
     batch = {1: 8, 2: 4}
     first = tmp_path / "first"

@@ -113,11 +113,14 @@ def _share(name, owner, me, factors, failure, dtype, device, distributed):
     if distributed:
         dist.broadcast(shape, src=owner)
     m, r, n = (int(v) for v in shape.tolist())
-    if m < 0:
-        message = f"factorizing {name} failed on rank {owner}"
+    if m < 0:  # every rank knows now: the owner sends its cause, so every rank's error names it
+        cause = [f"{type(failure).__name__}: {failure}" if failure is not None else "unknown cause"]
+        if distributed:
+            dist.broadcast_object_list(cause, src=owner)
+        message = f"factorizing {name} failed on rank {owner}: {cause[0]}"
         if failure is not None:
-            raise RemoteRankError(f"{message}: {type(failure).__name__}: {failure}") from failure
-        raise RemoteRankError(message + " (see that rank's log for the cause)")
+            raise RemoteRankError(message) from failure
+        raise RemoteRankError(message)
     if me == owner:
         a, b = factors
     else:

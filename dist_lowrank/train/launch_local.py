@@ -40,10 +40,25 @@ def _worker(rank: int, world: int, port: int, run: RunConfig, lowrank: LowRankCo
     _train_in_group(run, lowrank)
 
 
+def init_process_group() -> None:
+    """env:// rendezvous with the backend for this device. Under torchelastic every restart attempt gets
+    its own key prefix in the store: torch 2.13's torchrun hands the restarted workers a store that still
+    holds the failed attempt's keys, and gloo then dials the dead workers' addresses (connectFullMesh:
+    connection refused) instead of meeting the new ones."""
+    backend = default_dist_backend()
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend)
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dist_lowrank/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
+
+
 def _train_in_group(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     from dist_lowrank.train.loop import train
 
-    dist.init_process_group(default_dist_backend())
+    init_process_group()
     try:
         return train(run, lowrank)
     finally:

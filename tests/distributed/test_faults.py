@@ -1,0 +1,72 @@
+"""Faults during the switch and during a save, on 2 gloo ranks (RELIABILITY scenarios 3, 5, 10).
+
+Faults are armed through DIST_LOWRANK_FAULT (dist_lowrank/faults.py). The restart tests run under the real
+`torchrun --max-restarts 1`: the first attempt fails, torchrun restarts every rank, the job resumes from
+its last committed checkpoint and must end exactly like an uninterrupted run of the same job under the
+same launcher, computed in the same test.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.dist_harness import free_port, run_ranks
+from tests.distributed.ckpt_common import BACKENDS, BIN, checkpoint, cli, losses, summary
+from tests.distributed.ckpt_workers import train_worker
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
+
+
+def test_exception_in_one_ranks_factorization_ends_every_rank_with_the_cause(tmp_path):
+    """Scenario 3, first half: rank 1's SVD raises; every rank ends with an error naming rank 1's cause."""
+    results = run_ranks(train_worker, world=2, timeout=240, expect_errors=True,
+                        args=([f"run.out_dir={tmp_path}"],), env={"DIST_LOWRANK_FAULT": "factorize:raise:1"})
+    assert all(isinstance(r, tuple) and r[0] == "error" for r in results), results
+    for status, message in results:
+        assert "injected fault at factorize on rank 1" in message
+    assert "RemoteRankError" in results[0][1]
+    assert not (checkpoint(tmp_path, 8) / "COMMIT").exists(), "nothing is committed after a failed switch"
+
+
+def test_straggler_is_named_not_waited_for(tmp_path):
+    """Scenario 5: rank 1 sleeps 20 s before the switch, the barrier allows 3 s: rank 0 names rank 1."""
+    results = run_ranks(train_worker, world=2, timeout=240, expect_errors=True,
+                        args=([f"run.out_dir={tmp_path}", "lowrank.switch.barrier_timeout_s=3"],),
+                        env={"DIST_LOWRANK_FAULT": "switch@8:sleep:1:20"})
+    assert results[0][0] == "error" and "StragglerError" in results[0][1], results[0]
+    assert "1" in results[0][1].split("StragglerError", 1)[1].splitlines()[0]
+    assert results[1][0] == "error", "the late rank fails too once its peer is gone (no hang)"
+
+
+def test_a_short_delay_inside_the_timeout_still_switches(tmp_path):
+    """Scenario 5, other half: a 2 s straggler inside a 60 s barrier: the same switch as without delay."""
+    reference = run_ranks(train_worker, world=2, timeout=240, args=([f"run.out_dir={tmp_path / 'ref'}"],))
+    delayed = run_ranks(train_worker, world=2, timeout=240, env={"DIST_LOWRANK_FAULT": "switch@8:sleep:1:2"},
+                        args=([f"run.out_dir={tmp_path / 'late'}", "lowrank.switch.barrier_timeout_s=60"],))
+    for ref, late in zip(reference, delayed):
+        assert late["switch_step"] == ref["switch_step"] == 8 and late["ranks"] == ref["ranks"]
+    assert losses(tmp_path / "late") == losses(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("fault,backend", [("factorize:raise:1", "zero2"), ("factorize:kill:1", "ddp"),
+                                           ("save@8:kill:1", "fsdp2")])
+def test_torchrun_restart_resumes_from_the_last_good_checkpoint(fault, backend, tmp_path):
+    """Scenarios 3 and 10: an exception or a SIGKILL on rank 1 during the switch (step 8), or a SIGKILL
+    while step 8's checkpoint is being written. torchrun restarts the job; the step-8 checkpoint is not
+    committed, so it resumes from step 4, switches at step 8 to the same ranks, and every loss equals the
+    uninterrupted run's bit for bit."""
+    def torchrun() -> list[str]:
+        return [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]
+
+    ref, out = tmp_path / "ref", tmp_path / "faulty"
+    cli(ref, BACKENDS[backend], launcher=torchrun())
+    proc = cli(out, BACKENDS[backend], launcher=torchrun(),
+               env={"DIST_LOWRANK_FAULT": fault, "DIST_LOWRANK_FAULT_ONCE": str(tmp_path / "fired")})
+    assert (tmp_path / "fired").exists(), "the fault fired in the first attempt"
+    log = proc.stdout + proc.stderr
+    if fault.startswith("save"):
+        assert "incomplete checkpoint" in log, "the killed save was skipped with a warning"
+    assert summary(out)["switch_step"] == summary(ref)["switch_step"] == 8
+    assert summary(out)["ranks"] == summary(ref)["ranks"]
+    assert losses(out) == losses(ref)
+    assert (checkpoint(out, 12) / "COMMIT").exists()

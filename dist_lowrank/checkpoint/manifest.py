@@ -36,6 +36,7 @@ class Manifest:
     seed: int
     backend: str
     engine: dict[str, Any] = field(default_factory=dict)  # backend bookkeeping (DeepSpeed group layout, ...)
+    param_shapes: dict[str, list[int]] = field(default_factory=dict)  # every parameter's global shape
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -63,7 +64,7 @@ def read_manifest(directory: Path) -> Manifest:
         raise CheckpointError(f"{path}: format_version {data.get('format_version')!r}; this version reads "
                               f"{FORMAT_VERSION}")
     names = {f.name for f in Manifest.__dataclass_fields__.values()}
-    missing = sorted(names - set(data) - {"engine"})
+    missing = sorted(names - set(data) - {"engine", "param_shapes"})
     unknown = sorted(set(data) - names)
     if missing or unknown:
         raise CheckpointError(f"{path}: missing keys {missing}, unknown keys {unknown}")
@@ -127,3 +128,20 @@ def check_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> None:
     for name in sorted(set(live) | set(layout)):
         if live.get(name) != layout.get(name):
             raise CheckpointError(f"layout.{name}: checkpoint has {layout.get(name)}, model has {live.get(name)}")
+
+
+def param_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Global shape of every parameter (ZeRO-3 keeps it in ds_shape; FSDP2's DTensor reports it)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+
+def check_param_shapes(model: nn.Module, saved: dict[str, list[int]]) -> None:
+    """Every saved parameter exists with the saved shape: a mismatch names the parameter (and so the layer)
+    before any engine tries to load tensors it cannot place."""
+    if not saved:
+        return
+    live = param_shapes(model)
+    for name in sorted(set(live) | set(saved)):
+        if live.get(name) != saved.get(name):
+            raise CheckpointError(f"param_shapes.{name}: checkpoint has {saved.get(name)}, the model built from "
+                                  f"the manifest's layout has {live.get(name)}")

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.checkpoint.manifest import Manifest, check_layout, layout_of, read_manifest, write_manifest
+from dist_lowrank.checkpoint.manifest import (Manifest, check_layout, check_param_shapes, layout_of, param_shapes,
+                                              read_manifest, write_manifest)
 from dist_lowrank.checkpoint.store import begin_save, commit, resolve_checkpoint
 from dist_lowrank.config import LowRankConfig, config_to_dict
 from dist_lowrank.config_io import changed_keys, dataclass_to_dict, digest
@@ -61,7 +62,7 @@ def save_checkpoint(run: RunConfig, lowrank: LowRankConfig, backend: Backend, co
     manifest = Manifest(step=step, phase=phase, switch_step=switch_step,
                         layout=layout_of(backend.unwrapped_model()), controller=controller_state, config=config,
                         config_digest=digest(config), world_size=world, seed=run.seed, backend=backend.name,
-                        engine=backend.engine_meta())
+                        engine=backend.engine_meta(), param_shapes=param_shapes(backend.unwrapped_model()))
     text = manifest.to_json()
     backend.save_state(directory, text)
     maybe_fault("save", step)
@@ -75,6 +76,7 @@ def load_checkpoint(backend: Backend, path: Path, manifest: Manifest) -> None:
     if manifest.backend != backend.name:
         raise CheckpointError(f"{path}: written by the {manifest.backend} backend, this run uses {backend.name}")
     check_layout(backend.unwrapped_model(), manifest.layout)
+    check_param_shapes(backend.unwrapped_model(), manifest.param_shapes)
     backend.load_state(path, manifest.engine)
 
 

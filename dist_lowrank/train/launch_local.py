@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any, Optional
 
 import torch.distributed as dist
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.device import default_dist_backend
+from dist_lowrank.errors import DistLowRankError
 from dist_lowrank.launch_env import apply, discover
 from dist_lowrank.train.run_config import RunConfig
 
@@ -35,9 +37,16 @@ def _in_launched_job() -> bool:
 
 
 def _worker(rank: int, world: int, port: int, run: RunConfig, lowrank: LowRankConfig) -> None:
+    """One spawned rank. A named error is printed as one line with the rank and ends the process with
+    exit code 2 (the parent reports it in one line too); anything else keeps its traceback."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    _train_in_group(run, lowrank)
+    try:
+        _train_in_group(run, lowrank)
+    except DistLowRankError as exc:
+        sys.stderr.write(f"dist-lowrank: error: [rank {rank}] {type(exc).__name__}: {exc}\n")  # one write: no
+        sys.stderr.flush()                                                                    # interleaving
+        sys.exit(2)
 
 
 def init_process_group() -> None:
@@ -74,7 +83,10 @@ def run_training(run: RunConfig, lowrank: LowRankConfig) -> Optional[dict[str, A
         return summary if int(os.environ["RANK"]) == 0 else None
     if run.world_size == 1 and run.backend == "local":
         return train(run, lowrank)
-    mp.spawn(_worker, args=(run.world_size, _free_port(), run, lowrank), nprocs=run.world_size, join=True)
+    try:
+        mp.spawn(_worker, args=(run.world_size, _free_port(), run, lowrank), nprocs=run.world_size, join=True)
+    except mp.ProcessExitedException as exc:
+        raise DistLowRankError(f"rank {exc.error_index} exited with code {exc.exit_code} (its error is above)") from None
     import json
     from pathlib import Path
 

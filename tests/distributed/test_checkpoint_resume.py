@@ -79,3 +79,45 @@ def test_world_size_change_on_resume(backend, sizes, tmp_path):
     assert sorted(resumed) == list(range(9, 13))
     for step, value in resumed.items():
         assert value == pytest.approx(reference[step], abs=1e-4), f"step {step}"
+
+
+INRANK = ["lowrank.strategy=inrank", "lowrank.inrank.init_rank=2", "lowrank.inrank.warmup=2", "lowrank.inrank.gap=2",
+          "lowrank.inrank.buffer=4", "lowrank.inrank.capacity_multiple=2", "lowrank.inrank.tau=0.5", "run.lr=0.01"]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_resume_after_inrank_growth_is_bitwise(backend, tmp_path):
+    """Scenario 8: ranks grow past capacity at steps 2 and 6 (reshards); resuming at step 4 (after the
+    first growth, before the second) and at step 8 gives the uninterrupted run's losses bit for bit and the
+    same growth decisions; the manifest records every layer's width and capacity."""
+    extra = BACKENDS[backend] + INRANK + ["run.deterministic=true"]
+    full = tmp_path / "full"
+    cli(full, extra)
+    grows = [json.loads(line) for line in (full / "events.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "grow"]
+    assert [g["step"] for g in grows if g["capacities"]][:2] == [2, 6], grows
+    layout = json.loads((checkpoint(full, 4) / "manifest.json").read_text())["layout"]
+    assert all(e["type"] == "inrank" for e in layout.values()) and max(e["capacity"] for e in layout.values()) > 2
+    for step in (4, 8):
+        out = tmp_path / f"from{step}"
+        cli(out, extra + [f"run.resume={checkpoint(full, step)}"])
+        assert losses(out) == {s: v for s, v in losses(full).items() if s > step}, f"resume at {step}"
+        assert summary(out)["ranks"] == summary(full)["ranks"]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3", "fsdp2"])
+def test_loading_into_the_wrong_layer_shapes_fails_naming_the_layer(backend, tmp_path):
+    """Scenario 8, second half: a manifest whose layer rank disagrees with the saved tensors is refused with
+    a CheckpointError that names the layer, on every rank, before training starts."""
+    full = tmp_path / "full"
+    cli(full, BACKENDS[backend])
+    path = checkpoint(full, 8) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    layer = sorted(manifest["layout"])[0]
+    manifest["layout"][layer]["rank"] += 1
+    path.write_text(json.dumps(manifest))
+    proc = cli(tmp_path / "bad", BACKENDS[backend] + [f"run.resume={checkpoint(full, 8)}"], check=False)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        mine = [line for line in proc.stderr.splitlines() if f"dist-lowrank: error: [rank {rank}]" in line]
+        assert mine and "CheckpointError" in mine[0] and layer in mine[0], proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import pytest
 
 from tests.dist_harness import free_port, run_ranks
 from tests.distributed.ckpt_common import BACKENDS, BIN, checkpoint, cli, losses, summary
-from tests.distributed.ckpt_workers import train_worker
+from tests.distributed.ckpt_workers import nonfinite_at_switch_worker, train_worker
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
 
@@ -70,3 +70,14 @@ def test_torchrun_restart_resumes_from_the_last_good_checkpoint(fault, backend, 
     assert summary(out)["ranks"] == summary(ref)["ranks"]
     assert losses(out) == losses(ref)
     assert (checkpoint(out, 12) / "COMMIT").exists()
+
+
+def test_nonfinite_loss_on_one_rank_at_the_switch_step_defers_every_rank():
+    """Scenario 4: the switch is due at step 6; rank 1 alone sees a NaN loss there. Every rank skips the
+    step together (no estimate at 6) and switches at the next cadence step, exactly as a single process
+    that saw the NaN itself."""
+    reference = run_ranks(nonfinite_at_switch_worker, world=1, timeout=120, args=(0,))[0]
+    results = run_ranks(nonfinite_at_switch_worker, world=2, timeout=120, args=(1,))
+    assert reference["switch"] == 8 and 6 not in reference["estimates"]
+    for result in results:
+        assert result == reference

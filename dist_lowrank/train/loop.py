@@ -212,6 +212,7 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
                                        resume_state=manifest.controller if manifest else None)
         if not manifest:
             controller.start()
+    counter.reset()  # engine set-up (DeepSpeed broadcasts the model) and the init estimate are not training traffic
     batches = task.batches(rank, world)
     for _ in range(start_step):  # the data order is a function of the step: skip what was trained
         next(batches)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "e2e" / "tiny_gpt.yaml"  # 12 steps, 2 ranks, ZeRO-2, switch forced at step 8
 BIN = Path(sys.executable).parent
 CKPT = ["run.log_every=1", "run.checkpoint_every=4", "run.keep_checkpoints=0"]
+EXPORT = ["run.export_fp32=true"]
 BACKENDS = {"ddp": ["run.backend=ddp"], "fsdp2": ["run.backend=fsdp2"], "zero2": ["run.zero_stage=2"],
             "zero3": ["run.zero_stage=3"]}
 

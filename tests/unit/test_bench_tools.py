@@ -1,0 +1,61 @@
+"""tools/bench_monitor.py and tools/bench_switch_cost.py run end to end at their smallest settings (real gloo
+ranks, so marked dist) and write JSON with the expected keys and sane values: sharded monitor bytes below a
+full gather's, counted gather bytes equal to (p-1)/p·4·m·n, Lanczos srank within 1% of the exact SVD, and a
+switch that takes measurable time and memory."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tool: str, args: list[str], out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "tools" / tool), *args, "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, f"{tool} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_bench_monitor_smallest(tmp_path: Path) -> None:
+    data = _run("bench_monitor.py", ["--gpt-backends", "zero2", "--steps", "2", "--estimates", "1", "--warmup", "1",
+                                     "--repeats", "1", "--widths", "256", "--width-backends", "fsdp2",
+                                     "--methods", "lanczos:30"], tmp_path / "monitor.json")
+    assert {"machine", "settings", "gpt", "widths", "fits"} <= set(data)
+    (gpt,) = data["gpt"]
+    assert gpt["backend"] == "zero2" and gpt["layers"] == 16 and gpt["cadence"] == 20
+    for key in ("step_s", "estimate_s", "estimate_per_step", "amortized_overhead"):
+        assert set(gpt[key]) == {"median", "min", "max"} and gpt[key]["median"] > 0
+    assert gpt["amortized_overhead"]["median"] == pytest.approx(gpt["estimate_per_step"]["median"] / 20)
+    assert gpt["worst_rel_error"] < 0.01
+    (row,) = data["widths"]
+    assert (row["backend"], row["width"], row["method"]) == ("fsdp2", 256, "lanczos:30")
+    assert 0 < row["sharded_bytes"] < row["gathered_bytes"]
+    assert row["gathered_bytes"] == pytest.approx(row["gathered_bytes_analytic"], abs=64)
+    # 30 Lanczos steps: one all-reduce of the m-vectors and one of the n-vectors (fp64) per step, + the norms
+    assert row["monitor_payload_bytes"] == 30 * 8 * 2 * (256 + 256) + 8 * 2 * 2
+    assert row["worst_rel_error"] < 0.01
+    assert row["sharded_s"]["median"] > 0 and row["gathered_s"]["median"] > 0
+
+
+def test_bench_switch_cost_smallest(tmp_path: Path) -> None:
+    data = _run("bench_switch_cost.py", ["--backends", "fsdp2", "--layers", "2", "--repeats", "1", "--steps", "2",
+                                         "--warmup", "1", "--gpt-backends", ""], tmp_path / "switch.json")
+    assert {"machine", "settings", "rows", "gpt"} <= set(data) and data["gpt"] == []
+    (row,) = data["rows"]
+    assert (row["backend"], row["layers"], row["width"]) == ("fsdp2", 2, 512)
+    assert row["switch_s"]["median"] > 0 and row["step_s"]["median"] > 0
+    assert row["latency_steps"]["median"] == pytest.approx(row["switch_s"]["median"] / row["step_s"]["median"])
+    assert row["latency_steps"]["median"] > 0
+    assert row["steady_peak_rss_mb"]["median"] > 0 and row["memory_ratio"]["median"] > 0
+    per_rank = row["per_rank"]
+    assert sorted(r["rank"] for r in per_rank) == [0, 1]
+    assert all(r["measurements"]["params_after"] < r["measurements"]["params_before"] for r in per_rank)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from dist_lowrank.backends.base import Backend
+from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import default_device
@@ -160,11 +161,11 @@ class LowRankController:
             measurements = {}
             if plan.capacities:
                 self.coordinator.arrive(f"growth reshard at step {step}", self.cfg.switch.barrier_timeout_s)
-                measurements = self.backend.execute(Plan("grow", step, {n: widths[n] for n in plan.capacities},
-                                                         capacities=dict(plan.capacities)))
+                measurements = self._measured_execute(Plan("grow", step, {n: widths[n] for n in plan.capacities},
+                                                                   capacities=dict(plan.capacities)))
             self.capacities.update(plan.capacities)
         elif rule.cfg.fold_on_fix:  # efficient InRank: W0 + U Vᵀ becomes a pure factorization at rank r
-            measurements = self.backend.execute(Plan("switch", step, dict(plan.ranks)))
+            measurements = self._measured_execute(Plan("switch", step, dict(plan.ranks)))
         else:
             measurements = {}
         self.ranks.update(plan.ranks)
@@ -184,7 +185,7 @@ class LowRankController:
             log.info("%s: %s", name, reason)
         maybe_fault("switch", plan.step)
         self.coordinator.arrive(f"switch at step {plan.step}", self.cfg.switch.barrier_timeout_s)
-        measurements = self.backend.execute(plan) if plan.ranks else {}
+        measurements = self._measured_execute(plan) if plan.ranks else {}
         measurements = {"per_rank": self.coordinator.gather_objects(measurements), **measurements}
         self.ranks.update(plan.ranks)
         self.modules = {n: m for n, m in self.modules.items() if n not in plan.ranks}
@@ -192,6 +193,14 @@ class LowRankController:
                     "dims": {n: list(self.dims[n]) for n in set(plan.ranks) | set(plan.reasons) if n in self.dims},
                     "timing": timing, "measurements": measurements})
         return plan
+
+    def _measured_execute(self, plan: Plan) -> dict[str, Any]:
+        """backend.execute with the peak RSS *during* the reshard above the RSS before it, on every backend
+        (the process's lifetime peak, ru_maxrss, usually hides it)."""
+        with RssPeak() as rss:
+            measurements = dict(self.backend.execute(plan))
+        measurements.setdefault("peak_rss_delta_mb", rss.delta_mb)
+        return measurements
 
     def _emit(self, event: dict[str, Any]) -> None:
         self.events.append(event)

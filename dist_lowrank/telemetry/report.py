@@ -141,12 +141,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["switch"]:
         cost = report["switch"]["cost"]
         step_time = report["phases"].get("full", {}).get("step_time")
-        lines += ["", "## Switch cost (per rank)", "", "| rank | seconds | in steps | peak RSS MB | growth MB |",
+        lines += ["", "## Switch cost (per rank)", "", "| rank | seconds | in steps | peak RSS MB | RSS rise during the switch MB |",
                   "|---|---|---|---|---|"]
         for rank, m in enumerate(cost.get("per_rank") or [cost]):
             steps = m.get("seconds") / step_time if step_time and m.get("seconds") is not None else None
             lines.append(f"| {rank} | {_fmt(m.get('seconds'), 3)} | {_fmt(steps, 1)} | {_fmt(m.get('peak_rss_mb'), 0)} "
-                         f"| {_fmt(m.get('peak_rss_growth_mb'), 0)} |")
+                         f"| {_fmt(m.get('peak_rss_delta_mb'), 0)} |")
     lines += ["", "Plots: `srank.png` (stable-rank trajectories, switch marked), `savings.png` (params and comm)."]
     return "\n".join(lines) + "\n"
 

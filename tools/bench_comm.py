@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_runs import ROOT, train_run  # noqa: E402
+from bench_common import ROOT, train_run  # noqa: E402
 ENGINES = {"ddp": ["run.backend=ddp"], "fsdp2": ["run.backend=fsdp2"], "zero1": ["run.zero_stage=1"],
            "zero2": ["run.zero_stage=2"], "zero3": ["run.zero_stage=3"]}
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_runs import ROOT, train_run  # noqa: E402
+from bench_common import ROOT, train_run  # noqa: E402
 VARIANTS: dict[str, list[str]] = {
     "full_rank": ["lowrank.strategy=none"],
     "cuttlefish": [],

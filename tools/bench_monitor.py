@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,8 @@ from typing import Any, Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from bench_common import machine  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "gpt_shakespeare_zero2.yaml")
 GPT_BACKENDS: dict[str, list[str]] = {"zero2": [], "zero3": ["run.backend=deepspeed", "run.zero_stage=3"],
@@ -60,17 +61,6 @@ def growth_exponent(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den else float("nan")
 
 
-def machine() -> dict[str, Any]:
-    from importlib import metadata
-
-    import torch
-
-    try:
-        ds_version = metadata.version("deepspeed")
-    except metadata.PackageNotFoundError:  # pragma: no cover - deepspeed is a project requirement
-        ds_version = None
-    return {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": ds_version}
 
 
 def full_weight(param: Any) -> Any:

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any, Callable, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+from bench_common import machine  # noqa: E402
 
 BACKENDS = ("ddp", "fsdp2", "zero2", "zero3")
 LATENCY_TARGET = 10.0
@@ -53,17 +53,6 @@ def fmt(stat: dict[str, float], digits: int = 2) -> str:
     return f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}-{stat['max']:.{digits}f}]"
 
 
-def machine() -> dict[str, Any]:
-    from importlib import metadata
-
-    import torch
-
-    try:
-        ds_version = metadata.version("deepspeed")
-    except metadata.PackageNotFoundError:  # pragma: no cover - deepspeed is a project requirement
-        ds_version = None
-    return {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": ds_version}
 
 
 def make_backend(name: str, width: int, layers: int, batch: int) -> Any:

@@ -1,11 +1,13 @@
-"""Shared by the end-to-end benchmarks: one `dist-lowrank train` run in a subprocess, its summary and report."""
+"""Shared by the benchmarks: the machine they ran on, and one `dist-lowrank train` run in a subprocess."""
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +22,17 @@ def train_run(config: Path, overrides: list[str], out: Path, label: str) -> tupl
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text()), json.loads((out / "report.json").read_text())
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers came from: cores, platform, Python, torch and deepspeed versions."""
+    from importlib import metadata
+
+    import torch
+
+    try:
+        ds_version = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        ds_version = None
+    return {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "deepspeed": ds_version}

@@ -31,7 +31,8 @@ def run_variant(config: Path, overrides: list[str], out: Path) -> dict:
     """One training run: wall time, last-phase throughput, final validation loss, parameters."""
     summary, report = train_run(config, overrides + ["run.eval_every=0"], out,
                                 f"bench_end_to_end: {' '.join(overrides) or 'cuttlefish'}")
-    after = list(report["phases"].values())[-1]  # the last phase: after the switch / the latest growth
+    # the last phase with a steady log window: after the switch / the latest growth
+    after = [p for p in report["phases"].values() if p.get("tokens_per_sec") is not None][-1]
     return {"wall_s": summary["wall_seconds"], "tokens_per_s": after["tokens_per_sec"],
             "val_loss": summary["final_eval"].get("val_loss"), "params": summary["params_final"],
             "switch_step": summary["switch_step"]}

@@ -18,6 +18,7 @@ from torch import nn
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.optim_state import (embed_state, group_hyperparams, rebuild_optimizer,
                                                restore_group_hyperparams, snapshot_state, transplant_state)
+from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import comm_device
 from dist_lowrank.errors import CheckpointError
 from dist_lowrank.plan import Plan
@@ -118,7 +119,7 @@ class LocalBackend(Backend):
 
     def save_state(self, directory: Path, manifest_json: str) -> None:
         """Rank 0 writes module state, optimizer state by parameter name, group hyperparameters, scheduler."""
-        if _rank() != 0:
+        if Coordinator().rank != 0:
             return
         named = dict(self.module.named_parameters())
         torch.save({"manifest": manifest_json, "model": self.module.state_dict(),
@@ -144,7 +145,7 @@ class LocalBackend(Backend):
             self.scheduler.load_state_dict(state["scheduler"])
 
     def export_fp32(self) -> Optional[dict[str, torch.Tensor]]:
-        if _rank() != 0:
+        if Coordinator().rank != 0:
             return None
         return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 
@@ -153,12 +154,6 @@ class LocalBackend(Backend):
         self.model = None
         self.optimizer = None
         self.scheduler = None
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

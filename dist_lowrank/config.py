@@ -38,6 +38,9 @@ class MonitorConfig:
     )
     steps: int = _help("Krylov / power iterations per estimate (>= 1); Lanczos: 30 keeps the worst error on "
                        "random GPT-2-shaped weights under 1% (20: ~1.2%)", check=ge(1), default=30)
+    rtol: float = _help("stop the Krylov steps early once every layer's sigma_max moved less than this (relative) "
+                        "in one step, agreed by all ranks; 0 = always run `steps`",
+                        check=Range(lo=0.0, hi=1.0, hi_open=True), default=1e-5)
 
 
 @dataclass

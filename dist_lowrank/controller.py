@@ -61,7 +61,7 @@ class LowRankController:
             self.dims = {v.name: tuple(v.dims) for v in backend.shard_views(list(self.modules))}
         self.names = list(self.modules)
         self.strategy = None if finished else build_strategy(cfg, self.dims)
-        self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps)
+        self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps, rtol=cfg.monitor.rtol)
         self.coordinator = Coordinator()
         self.cadence = self._cadence_steps(cfg, steps_per_epoch)
         self.input_shapes: dict[str, tuple[int, ...]] = {}

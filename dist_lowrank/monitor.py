@@ -65,15 +65,19 @@ class MonitorStats:
 
     collectives: int = 0
     bytes: int = 0
+    iterations: int = 0  # Krylov steps run on the sharded layers (≤ the configured steps when rtol > 0)
 
 
 class RankMonitor:
     """Estimate stable ranks of many layers at once, identically on every rank."""
 
-    def __init__(self, method: str = "lanczos", steps: int = 20, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, method: str = "lanczos", steps: int = 20, group: Optional[dist.ProcessGroup] = None,
+                 rtol: float = 0.0) -> None:
         if method not in ("lanczos", "power", "exact"):
             raise ValueError(f"monitor.method: got {method!r}; allowed: lanczos, power, exact")
-        self.method, self.steps, self.group = method, steps, group
+        if not 0.0 <= rtol < 1.0:
+            raise ValueError(f"monitor.rtol: got {rtol!r}; allowed: a number in [0, 1)")
+        self.method, self.steps, self.group, self.rtol = method, steps, group, rtol
         self.stats = MonitorStats()
 
     # -- collectives (counted) -------------------------------------------------------------------
@@ -109,7 +113,7 @@ class RankMonitor:
             if owners[i] != me:
                 continue
             matrix = view.local_flat.detach().reshape(view.dims)
-            res = stable_rank(matrix, method=self.method, steps=self.steps)
+            res = stable_rank(matrix, method=self.method, steps=self.steps, rtol=self.rtol)
             table[i] = torch.tensor([res.value, res.fro_sq, res.sigma_max, _STATUS_CODES[res.status]])
         table = torch.nan_to_num(table, nan=0.0) if world > 1 else table
         table = self._all_reduce(table)
@@ -135,6 +139,7 @@ class RankMonitor:
             dims = [views[i].dims for i in active]
 
             def apply_a(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+                self.stats.iterations += 1
                 parts = [pieces[i].matvec(v.to(dtype)) for i, v in zip(active, vs)]
                 return self._split(self._all_reduce(torch.cat(parts)), [d[0] for d in dims])
 
@@ -142,8 +147,12 @@ class RankMonitor:
                 parts = [pieces[i].rmatvec(u.to(dtype)) for i, u in zip(active, us)]
                 return self._split(self._all_reduce(torch.cat(parts)), [d[1] for d in dims])
 
+            def agree(settled: bool) -> bool:  # stop early only if every rank's layers settled
+                return bool(self._all_reduce(torch.tensor([1.0 if settled else 0.0]), dist.ReduceOp.MIN)[0] > 0)
+
             method = "lanczos" if self.method == "exact" else self.method
-            values = sigma_max_batched(apply_a, apply_at, dims, method=method, steps=self.steps)
+            values = sigma_max_batched(apply_a, apply_at, dims, method=method, steps=self.steps, rtol=self.rtol,
+                                       agree=agree)
             sigmas = dict(zip(active, values))
         out: dict[str, SrankResult] = {}
         for i, view in enumerate(views):

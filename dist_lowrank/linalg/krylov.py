@@ -1,13 +1,15 @@
 """σ_max of many matrices at once, from matrix-vector products only (operator form).
 
-The caller supplies `apply_a` / `apply_at` for *all* layers together; each is called exactly `steps`
+The caller supplies `apply_a` / `apply_at` for *all* layers together; each is called at most `steps`
 times, so a distributed caller issues one collective per call (the local products on shards are
 summed). Golub–Kahan–Lanczos with full reorthogonalization reaches <1% srank error in ~20 steps on
 random weights, where plain power iteration needs far more (DESIGN.md §3).
 
 Every rank must get bit-identical answers from identical inputs, so the start vector comes from a
-fixed-seed generator (never the global RNG) and layers that finish early keep receiving zero vectors:
-the call sequence, and therefore the collective sequence, never depends on the data.
+fixed-seed generator (never the global RNG) and layers that finish early keep receiving zero vectors.
+The loop ends early only when every layer has converged (σ_max moved less than `rtol` relative in the
+last step) *and* the optional `agree` hook says all ranks want to stop: a distributed caller makes that
+one collective decision, so the call sequence is the same on every rank even if their data differed.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ _SEED = 12345
 # Breakdown: a new direction whose norm is below TOL_FACTOR·eps·(largest norm seen) adds nothing to
 # σ_max that this precision can resolve (relative, so the test is scale-invariant).
 TOL_FACTOR = 1000.0
+# Convergence is not tested before this many steps: the first Lanczos estimates can stall briefly.
+MIN_STEPS_BEFORE_STOP = 4
 
 
 def start_vector(n: int, dtype: torch.dtype = torch.float64, device: Device = None) -> torch.Tensor:
@@ -35,30 +39,38 @@ def start_vector(n: int, dtype: torch.dtype = torch.float64, device: Device = No
 
 
 def sigma_max_batched(apply_a: Operator, apply_at: Operator, dims: list[tuple[int, int]], method: str = "lanczos",
-                      steps: int = 20, dtype: torch.dtype = torch.float64, device: Device = None) -> list[float]:
+                      steps: int = 20, dtype: torch.dtype = torch.float64, device: Device = None,
+                      rtol: float = 0.0, agree: Optional[Callable[[bool], bool]] = None) -> list[float]:
     """Largest singular value of each operator A_i (m_i × n_i), in the order of `dims`.
 
-    `apply_a([v_i]) -> [A_i v_i]` and `apply_at([u_i]) -> [A_iᵀ u_i]` are each called exactly `steps`
-    times with one vector per layer (a zero vector once a layer has converged or broken down).
-    Vectors live on `device` (default CPU) in `dtype`. An operator returning NaN/Inf gives NaN for that
-    layer only; a zero operator gives 0.0.
+    `apply_a([v_i]) -> [A_i v_i]` and `apply_at([u_i]) -> [A_iᵀ u_i]` are called once per step with one
+    vector per layer (a zero vector once a layer has converged or broken down): exactly `steps` times
+    when `rtol` is 0, fewer when every layer's estimate has settled to `rtol` (relative change in one
+    step) and `agree(True)` returns True. Vectors live on `device` (default CPU) in `dtype`. An
+    operator returning NaN/Inf gives NaN for that layer only; a zero operator gives 0.0.
     """
     if method not in METHODS:
         raise ValueError(f"method: got {method!r}; allowed: {', '.join(METHODS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: got {steps!r}; allowed: an int >= 1")
+    if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
+        raise ValueError(f"rtol: got {rtol!r}; allowed: a number in [0, 1)")
     dims = [(int(m), int(n)) for m, n in dims]
     if any(m < 1 or n < 1 for m, n in dims):
         raise ValueError(f"dims: got {dims}; allowed: (m, n) pairs with m, n >= 1")
     device = torch.device("cpu") if device is None else torch.device(device)
-    layers = [_Layer(m, n, dtype, device) for m, n in dims]
-    for _ in range(steps):
+    layers = [_Layer(m, n, steps, dtype, device) for m, n in dims]
+    for step in range(steps):
         outs = _vectors(apply_a([x.right_input() for x in layers]), [m for m, _ in dims], "apply_a", dtype, device)
         for layer, out in zip(layers, outs):
             layer.take_a(out, method)
         outs = _vectors(apply_at([x.left_input() for x in layers]), [n for _, n in dims], "apply_at", dtype, device)
         for layer, out in zip(layers, outs):
             layer.take_at(out, method)
+        if rtol > 0.0 and step + 1 >= MIN_STEPS_BEFORE_STOP and step + 1 < steps:
+            settled = all(x.settled(method, rtol) for x in layers)
+            if (agree(settled) if agree is not None else settled):
+                break
     return [x.sigma(method) for x in layers]
 
 
@@ -75,13 +87,27 @@ def _vectors(outs: Vectors, sizes: list[int], name: str, dtype: torch.dtype, dev
     return flat
 
 
-def _orthogonalize(x: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
-    """Classical Gram–Schmidt applied twice ("twice is enough"): orthogonal to working precision."""
-    if basis:
-        q = torch.stack(basis, dim=1)
-        for _ in range(2):
-            x = x - q @ (q.T @ x)
-    return x
+class _Basis:
+    """Orthonormal vectors kept as rows of one preallocated matrix (no re-stacking every step)."""
+
+    def __init__(self, capacity: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows = torch.empty(capacity, dim, dtype=dtype, device=device)
+        self.size = 0
+
+    def full(self) -> bool:
+        return self.size >= self.rows.shape[0]
+
+    def add(self, x: torch.Tensor) -> None:
+        self.rows[self.size] = x
+        self.size += 1
+
+    def orthogonalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Classical Gram–Schmidt applied twice ("twice is enough"): orthogonal to working precision."""
+        if self.size:
+            q = self.rows[: self.size]
+            for _ in range(2):
+                x = x - q.T @ (q @ x)
+        return x
 
 
 class _Layer:
@@ -91,18 +117,19 @@ class _Layer:
     the Rayleigh quotient ‖A v‖).
     """
 
-    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, m: int, n: int, steps: int, dtype: torch.dtype, device: torch.device) -> None:
         self.m, self.n = m, n
         self.v = start_vector(n, dtype, device)
         self.u: Optional[torch.Tensor] = None
-        self.u_basis: list[torch.Tensor] = []
-        self.v_basis: list[torch.Tensor] = []
+        self.u_basis = _Basis(min(steps, m), m, dtype, device)
+        self.v_basis = _Basis(min(steps, n), n, dtype, device)
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.alive = True
         self.nonfinite = False
         self.scale = 0.0
         self.power_sigma = 0.0
+        self.history: list[float] = []
         self.tol = TOL_FACTOR * torch.finfo(dtype).eps
 
     # What this layer feeds the shared operator calls: its vector, or zeros once it has stopped.
@@ -114,56 +141,73 @@ class _Layer:
             return self.u
         return torch.zeros(self.m, dtype=self.v.dtype, device=self.v.device)
 
-    def _stop(self, raw: torch.Tensor) -> bool:
-        """Stop (for good) on non-finite operator output; NaN is then reported for this layer."""
-        if not bool(torch.isfinite(raw).all()):
+    def _norm_or_stop(self, raw: torch.Tensor) -> Optional[float]:
+        """‖raw‖, or None after stopping for good on non-finite output (NaN is then reported)."""
+        norm = float(raw.norm())
+        if not math.isfinite(norm):  # any NaN/Inf entry makes the norm NaN/Inf
             self.alive, self.nonfinite = False, True
-        return not self.alive
+            return None
+        return norm
 
     def take_a(self, au: torch.Tensor, method: str) -> None:
         """u_j = A v_j orthogonalized against U (this removes β_{j−1} u_{j−1}); α_j = ‖u_j‖."""
-        if not self.alive or self._stop(au):
+        if not self.alive:
+            return
+        raw_norm = self._norm_or_stop(au)
+        if raw_norm is None:
             return
         if method == "power":
             self.u = au
             return
-        if len(self.u_basis) >= self.m:  # U spans R^m: nothing new can appear
+        if self.u_basis.full():  # U spans R^m (or the step budget): nothing new can appear
             self.alive = False
             return
-        u = _orthogonalize(au, self.u_basis)
+        u = self.u_basis.orthogonalize(au)
         alpha = float(u.norm())
-        self.scale = max(self.scale, float(au.norm()), alpha)
+        self.scale = max(self.scale, raw_norm, alpha)
         if alpha <= self.tol * self.scale:
             self.alive = False
             return
         self.u = u / alpha
         self.alphas.append(alpha)
-        self.u_basis.append(self.u)
-        self.v_basis.append(self.v)
+        self.u_basis.add(self.u)
+        self.v_basis.add(self.v)
 
     def take_at(self, atu: torch.Tensor, method: str) -> None:
         """v_{j+1} = Aᵀ u_j orthogonalized against V (this removes α_j v_j); β_j = ‖v_{j+1}‖."""
-        if not self.alive or self._stop(atu):
+        if not self.alive:
+            return
+        raw_norm = self._norm_or_stop(atu)
+        if raw_norm is None:
             return
         if method == "power":
-            norm = float(atu.norm())
-            self.power_sigma = math.sqrt(norm)
-            if norm == 0.0:
+            self.power_sigma = math.sqrt(raw_norm)
+            if raw_norm == 0.0:
                 self.alive = False
             else:
-                self.v = atu / norm
+                self.v = atu / raw_norm
             return
-        if len(self.v_basis) >= self.n:  # V spans R^n
+        if self.v_basis.size >= self.n:  # V spans R^n
             self.alive = False
             return
-        w = _orthogonalize(atu, self.v_basis)
+        w = self.v_basis.orthogonalize(atu)
         beta = float(w.norm())
-        self.scale = max(self.scale, float(atu.norm()), beta)
+        self.scale = max(self.scale, raw_norm, beta)
         if beta <= self.tol * self.scale:
             self.alive = False
             return
         self.betas.append(beta)
         self.v = w / beta
+
+    def settled(self, method: str, rtol: float) -> bool:
+        """True once stopped, or when this step's σ estimate moved less than rtol from the last one."""
+        if not self.alive:
+            return True
+        self.history.append(self.sigma(method))
+        if len(self.history) < 2:
+            return False
+        last, before = self.history[-1], self.history[-2]
+        return abs(last - before) <= rtol * abs(last)
 
     def sigma(self, method: str) -> float:
         if self.nonfinite:

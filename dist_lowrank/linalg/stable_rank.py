@@ -44,8 +44,9 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float64)
 
 
-def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20) -> SrankResult:
-    """Stable rank of one weight; `method` is "exact" (SVD), "lanczos" or "power" (`steps` iterations).
+def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20, rtol: float = 0.0) -> SrankResult:
+    """Stable rank of one weight; `method` is "exact" (SVD), "lanczos" or "power" (at most `steps`
+    iterations, fewer once σ_max moves less than `rtol` relative per step; 0 = always `steps`).
 
     The matrix is scaled by its largest |entry| first: srank is scale-invariant, and this keeps
     ‖W‖_F² from overflowing or underflowing (fro_sq and sigma_max are reported unscaled).
@@ -64,6 +65,7 @@ def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20) ->
         sigma_unit = float(torch.linalg.svdvals(x)[0])
     else:
         sigma_unit = sigma_max_batched(lambda vs: [x @ vs[0]], lambda us: [x.T @ us[0]], [tuple(x.shape)],
-                                       method=method, steps=steps, device=x.device)[0]
+                                       method=method, steps=steps, device=x.device,
+                                       rtol=rtol)[0]
     value = fro_unit / (sigma_unit * sigma_unit) if sigma_unit > 0.0 else math.inf
     return SrankResult(value, fro_unit * peak * peak, sigma_unit * peak, "ok")

@@ -252,3 +252,23 @@ def test_truncated_svd_rank_clip_signs_and_errors():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         truncated_svd_factors(bad, 2)
+
+
+def test_rtol_stops_early_only_when_settled_and_all_ranks_agree():
+    # A clear spectral gap: σ_max settles within a few steps, so rtol ends the loop long before 30 steps.
+    w = with_spectrum(300, 200, torch.cat([torch.tensor([10.0]), torch.linspace(1, 0.1, 199)]), seed=3)
+    exact = float(np_svals(w.numpy())[0])
+    full_log, early_log, vetoed_log = {"a": 0, "at": 0}, {"a": 0, "at": 0}, {"a": 0, "at": 0}
+    full = sigma_max_batched(*_operators([w], full_log), [(300, 200)], steps=30)[0]
+    votes: list[bool] = []
+    early = sigma_max_batched(*_operators([w], early_log), [(300, 200)], steps=30, rtol=1e-8,
+                              agree=lambda settled: votes.append(settled) or settled)[0]
+    assert full_log == {"a": 30, "at": 30}
+    assert early_log["a"] == early_log["at"] < 30 and votes[-1] is True and not any(votes[:-1])
+    assert early == pytest.approx(exact, rel=1e-7) and full == pytest.approx(exact, rel=1e-7)
+    # Another rank that has not settled vetoes the stop: the loop runs the full `steps` on every rank.
+    vetoed = sigma_max_batched(*_operators([w], vetoed_log), [(300, 200)], steps=30, rtol=1e-8,
+                               agree=lambda settled: False)[0]
+    assert vetoed_log == {"a": 30, "at": 30} and vetoed == full
+    with pytest.raises(ValueError, match="rtol"):
+        sigma_max_batched(*_operators([w], {"a": 0, "at": 0}), [(300, 200)], steps=5, rtol=1.5)

@@ -2,8 +2,11 @@
 
 - Sharded weights (FSDP2 row shards, ZeRO-3 flat partitions): ‖W‖_F² is a sum of local squares;
   σ_max comes from a Krylov method whose matrix-vector products are computed on the local piece and
-  summed with one all-reduce of the concatenated m- (or n-) vectors of *all* layers per iteration.
-  Bytes per estimate are O(steps · Σ(m+n)), never O(Σ m·n): no rank gathers a weight.
+  summed with one all-reduce of the concatenated vectors of *all* layers per iteration. Where every
+  rank holds whole rows (FSDP2 always; ZeRO-3 when no partition boundary cuts a row), Lanczos runs
+  on WᵀW = Σ_ranks W_rᵀW_r: one all-reduce of n-vectors per step. A layer whose rows are cut uses
+  Golub–Kahan on W: two all-reduces (m- and n-vectors) per step. Bytes per estimate are
+  O(steps · Σ(m+n)), never O(Σ m·n): no rank gathers a weight.
 - Replicated weights (DDP, ZeRO-1/2): layers are spread over ranks (largest first, to the least
   loaded rank); each owner computes its layers alone and one all-reduce shares the results.
 Every rank ends with the same numbers; the coordinator still broadcasts rank 0's copy before a
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dist_lowrank.device import comm_device
-from dist_lowrank.linalg import SrankResult, sigma_max_batched, stable_rank
+from dist_lowrank.linalg import SrankResult, sigma_max_batched, sigma_max_gram, stable_rank
 from dist_lowrank.shard_view import ShardView, row_runs
 
 _STATUS_CODES = {"ok": 0.0, "zero": 1.0, "nonfinite": 2.0}
@@ -48,6 +51,19 @@ class _LocalPiece:
                 out[row] += self.values[start: start + count] @ v[col: col + count]
         return out
 
+    @property
+    def whole_rows(self) -> bool:
+        """True when this rank's piece cuts no row (then WᵀW is a sum of local Grams)."""
+        return all(col < 0 for _, col, _, _ in self.runs)
+
+    def gram(self, v: torch.Tensor) -> torch.Tensor:
+        """W_rᵀ (W_r v) for a piece of whole rows: this rank's share of WᵀW v."""
+        out = torch.zeros(self.n, dtype=v.dtype)
+        for _, _, start, count in self.runs:
+            block = self.values[start: start + count * self.n].view(count, self.n)
+            out += block.T @ (block @ v)
+        return out
+
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.n, dtype=u.dtype)
         for row, col, start, count in self.runs:
@@ -65,7 +81,7 @@ class MonitorStats:
 
     collectives: int = 0
     bytes: int = 0
-    iterations: int = 0  # Krylov steps run on the sharded layers (≤ the configured steps when rtol > 0)
+    iterations: int = 0  # Krylov steps run on sharded layers, both kinds (≤ steps each when rtol > 0)
 
 
 class RankMonitor:
@@ -124,36 +140,21 @@ class RankMonitor:
             return {}
         dtype = torch.float64
         pieces = [_LocalPiece(v, dtype) for v in views]
-        # One all-reduce: squared norms and non-finite counts of every layer.
-        local = torch.zeros(2 * len(views), dtype=dtype)
+        # One all-reduce: squared norms, non-finite counts and cut-row counts of every layer.
+        local = torch.zeros(3 * len(views), dtype=dtype)
         for i, piece in enumerate(pieces):
             finite = bool(torch.isfinite(piece.values).all())
-            local[2 * i] = piece.values.square().sum() if finite else 0.0
-            local[2 * i + 1] = 0.0 if finite else 1.0
+            local[3 * i] = piece.values.square().sum() if finite else 0.0
+            local[3 * i + 1] = 0.0 if finite else 1.0
+            local[3 * i + 2] = 0.0 if piece.whole_rows else 1.0
         reduced = self._all_reduce(local)
-        fro = [float(reduced[2 * i]) for i in range(len(views))]
-        bad = [float(reduced[2 * i + 1]) > 0 for i in range(len(views))]
+        fro = [float(reduced[3 * i]) for i in range(len(views))]
+        bad = [float(reduced[3 * i + 1]) > 0 for i in range(len(views))]
         active = [i for i in range(len(views)) if not bad[i] and fro[i] > 0.0]
-        sigmas: dict[int, float] = {}
-        if active:
-            dims = [views[i].dims for i in active]
-
-            def apply_a(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-                self.stats.iterations += 1
-                parts = [pieces[i].matvec(v.to(dtype)) for i, v in zip(active, vs)]
-                return self._split(self._all_reduce(torch.cat(parts)), [d[0] for d in dims])
-
-            def apply_at(us: list[torch.Tensor]) -> list[torch.Tensor]:
-                parts = [pieces[i].rmatvec(u.to(dtype)) for i, u in zip(active, us)]
-                return self._split(self._all_reduce(torch.cat(parts)), [d[1] for d in dims])
-
-            def agree(settled: bool) -> bool:  # stop early only if every rank's layers settled
-                return bool(self._all_reduce(torch.tensor([1.0 if settled else 0.0]), dist.ReduceOp.MIN)[0] > 0)
-
-            method = "lanczos" if self.method == "exact" else self.method
-            values = sigma_max_batched(apply_a, apply_at, dims, method=method, steps=self.steps, rtol=self.rtol,
-                                       agree=agree)
-            sigmas = dict(zip(active, values))
+        rows = [i for i in active if float(reduced[3 * i + 2]) == 0.0]  # no rank cuts a row
+        cut = [i for i in active if float(reduced[3 * i + 2]) > 0.0]
+        method = "lanczos" if self.method == "exact" else self.method
+        sigmas = {**self._sigmas_gram(pieces, views, rows, method), **self._sigmas_gkl(pieces, views, cut, method)}
         out: dict[str, SrankResult] = {}
         for i, view in enumerate(views):
             if bad[i]:
@@ -164,6 +165,45 @@ class RankMonitor:
                 s = sigmas[i]
                 out[view.name] = SrankResult(fro[i] / (s * s), fro[i], s, "ok")
         return out
+
+    def _agree(self, settled: bool) -> bool:
+        """Stop the Krylov steps early only if every rank's layers settled (one tiny all-reduce)."""
+        return bool(self._all_reduce(torch.tensor([1.0 if settled else 0.0]), dist.ReduceOp.MIN)[0] > 0)
+
+    def _sigmas_gram(self, pieces: list[_LocalPiece], views: list[ShardView], chosen: list[int],
+                     method: str) -> dict[int, float]:
+        """σ_max of whole-row layers: Lanczos on WᵀW, one all-reduce of n-vectors per step."""
+        if not chosen:
+            return {}
+        ns = [views[i].dims[1] for i in chosen]
+
+        def apply_g(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+            self.stats.iterations += 1
+            parts = [pieces[i].gram(v.to(pieces[i].values.dtype)) for i, v in zip(chosen, vs)]
+            return self._split(self._all_reduce(torch.cat(parts)), ns)
+
+        values = sigma_max_gram(apply_g, ns, method=method, steps=self.steps, rtol=self.rtol, agree=self._agree)
+        return dict(zip(chosen, values))
+
+    def _sigmas_gkl(self, pieces: list[_LocalPiece], views: list[ShardView], chosen: list[int],
+                    method: str) -> dict[int, float]:
+        """σ_max of layers with cut rows: Golub–Kahan on W, all-reduces of m- and n-vectors per step."""
+        if not chosen:
+            return {}
+        dims = [views[i].dims for i in chosen]
+
+        def apply_a(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+            self.stats.iterations += 1
+            parts = [pieces[i].matvec(v.to(pieces[i].values.dtype)) for i, v in zip(chosen, vs)]
+            return self._split(self._all_reduce(torch.cat(parts)), [d[0] for d in dims])
+
+        def apply_at(us: list[torch.Tensor]) -> list[torch.Tensor]:
+            parts = [pieces[i].rmatvec(u.to(pieces[i].values.dtype)) for i, u in zip(chosen, us)]
+            return self._split(self._all_reduce(torch.cat(parts)), [d[1] for d in dims])
+
+        values = sigma_max_batched(apply_a, apply_at, dims, method=method, steps=self.steps, rtol=self.rtol,
+                                   agree=self._agree)
+        return dict(zip(chosen, values))
 
     @staticmethod
     def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

@@ -225,3 +225,106 @@ class _Layer:
             idx = range(len(self.betas))
             b[list(idx), [j + 1 for j in idx]] = torch.tensor(self.betas, dtype=torch.float64)
         return float(torch.linalg.svdvals(b)[0])
+
+
+def sigma_max_gram(apply_g: Operator, ns: list[int], method: str = "lanczos", steps: int = 20,
+                   dtype: torch.dtype = torch.float64, device: Device = None, rtol: float = 0.0,
+                   agree: Optional[Callable[[bool], bool]] = None) -> list[float]:
+    """σ_max of each A_i from its Gram operator: `apply_g([v_i]) -> [A_iᵀ A_i v_i]` (n_i-vectors).
+
+    Symmetric Lanczos (full reorthogonalization) on AᵀA spans the same Krylov space as `steps` steps
+    of Golub–Kahan on A, but needs one product per step instead of two: when every rank holds whole
+    rows of A, AᵀA v = Σ_ranks A_rᵀ(A_r v) is one all-reduce of an n-vector per step. Power iteration
+    gives sqrt(‖AᵀA v‖), exactly what `sigma_max_batched` computes with two calls. Call count, `rtol`
+    and `agree` as in `sigma_max_batched`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}; allowed: {', '.join(METHODS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: got {steps!r}; allowed: an int >= 1")
+    if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
+        raise ValueError(f"rtol: got {rtol!r}; allowed: a number in [0, 1)")
+    ns = [int(n) for n in ns]
+    if any(n < 1 for n in ns):
+        raise ValueError(f"ns: got {ns}; allowed: sizes >= 1")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    layers = [_GramLayer(n, steps, dtype, device) for n in ns]
+    for step in range(steps):
+        outs = _vectors(apply_g([x.input() for x in layers]), ns, "apply_g", dtype, device)
+        for layer, out in zip(layers, outs):
+            layer.take(out, method)
+        if rtol > 0.0 and step + 1 >= MIN_STEPS_BEFORE_STOP and step + 1 < steps:
+            settled = all([x.settled(method, rtol) for x in layers])
+            if agree(settled) if agree is not None else settled:
+                break
+    return [x.sigma(method) for x in layers]
+
+
+class _GramLayer:
+    """Lanczos on G = AᵀA: G V_k = V_k T_k + β_k v_{k+1} e_kᵀ (T tridiagonal: α diagonal, β beside)."""
+
+    def __init__(self, n: int, steps: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n = n
+        self.v = start_vector(n, dtype, device)
+        self.basis = _Basis(min(steps, n), n, dtype, device)
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.alive = True
+        self.nonfinite = False
+        self.scale = 0.0
+        self.power_lambda = 0.0
+        self.history: list[float] = []
+        self.tol = TOL_FACTOR * torch.finfo(dtype).eps
+
+    def input(self) -> torch.Tensor:
+        return self.v if self.alive else torch.zeros_like(self.v)
+
+    def take(self, gv: torch.Tensor, method: str) -> None:
+        """α_j = v_jᵀ G v_j; v_{j+1} = G v_j orthogonalized against V (v_j included); β_j = its norm."""
+        if not self.alive:
+            return
+        raw_norm = float(gv.norm())
+        if not math.isfinite(raw_norm):
+            self.alive, self.nonfinite = False, True
+            return
+        if method == "power":
+            self.power_lambda = raw_norm
+            if raw_norm == 0.0:
+                self.alive = False
+            else:
+                self.v = gv / raw_norm
+            return
+        self.alphas.append(float(self.v @ gv))
+        self.basis.add(self.v)
+        if self.basis.size >= self.n:  # V spans R^n: T_k is G itself
+            self.alive = False
+            return
+        w = self.basis.orthogonalize(gv)
+        beta = float(w.norm())
+        self.scale = max(self.scale, raw_norm)
+        if beta <= self.tol * self.scale:
+            self.alive = False
+            return
+        self.betas.append(beta)
+        self.v = w / beta
+
+    def settled(self, method: str, rtol: float) -> bool:
+        """True once stopped, or when this step's σ estimate moved less than rtol from the last one."""
+        if not self.alive:
+            return True
+        self.history.append(self.sigma(method))
+        return len(self.history) >= 2 and abs(self.history[-1] - self.history[-2]) <= rtol * abs(self.history[-1])
+
+    def sigma(self, method: str) -> float:
+        if self.nonfinite:
+            return math.nan
+        if method == "power":
+            return math.sqrt(self.power_lambda)
+        k = len(self.alphas)
+        if k == 0:
+            return 0.0
+        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if k > 1:
+            off = torch.tensor(self.betas[: k - 1], dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        return math.sqrt(max(float(torch.linalg.eigvalsh(t)[-1]), 0.0))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_lowrank.linalg import (as_matrix, explained_ratio, explained_variance_rank, sigma_max_batched, stable_rank,
-                                 truncated_svd_factors)
+from dist_lowrank.linalg import (as_matrix, explained_ratio, explained_variance_rank, sigma_max_batched, sigma_max_gram,
+                                 stable_rank, truncated_svd_factors)
 
 pytestmark = pytest.mark.unit
 
@@ -272,3 +272,31 @@ def test_rtol_stops_early_only_when_settled_and_all_ranks_agree():
     assert vetoed_log == {"a": 30, "at": 30} and vetoed == full
     with pytest.raises(ValueError, match="rtol"):
         sigma_max_batched(*_operators([w], {"a": 0, "at": 0}), [(300, 200)], steps=5, rtol=1.5)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_gram_lanczos_matches_golub_kahan_with_one_product_per_step(method):
+    gen = torch.Generator().manual_seed(8)
+    mats = [torch.randn(96, 160, generator=gen, dtype=torch.float64),
+            torch.randn(3, 5, generator=gen, dtype=torch.float64),  # rank 3 < n: breaks down after 3 steps
+            with_spectrum(120, 80, torch.linspace(1, 0.01, 80) ** 2, seed=10),
+            torch.zeros(4, 9, dtype=torch.float64)]
+    nan = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    nan[2, 3] = float("nan")
+    mats.append(nan)
+    calls = {"g": 0}
+
+    def apply_g(vs):
+        calls["g"] += 1
+        return [m.T @ (m @ v) for m, v in zip(mats, vs)]
+
+    gram = sigma_max_gram(apply_g, [m.shape[1] for m in mats], method=method, steps=20)
+    gkl = sigma_max_batched(*_operators(mats, {"a": 0, "at": 0}), [tuple(m.shape) for m in mats], method=method,
+                            steps=20)
+    assert calls["g"] == 20
+    assert math.isnan(gram[4]) and gram[3] == 0.0
+    for g, k, m in zip(gram[:3], gkl[:3], mats[:3]):
+        if method == "lanczos":
+            assert g == pytest.approx(float(np_svals(m.numpy())[0]), rel=1e-4)
+        else:  # sqrt(‖AᵀA v‖) with the same start vector: the same iterates as the two-product form
+            assert g == pytest.approx(k, rel=1e-12)

@@ -160,11 +160,13 @@ def gpt_worker(rank: int, world: int, config: str, overrides: list[str], steps: 
     return {"rank": rank, "backend": run.backend if run.backend != "deepspeed" else f"zero{run.zero_stage}",
             "layers": len(controller.names), "cadence": controller.cadence, "method": lowrank.monitor.method,
             "monitor_steps": lowrank.monitor.steps, "monitor_bytes": controller.monitor.stats.bytes,
+            "monitor_rtol": lowrank.monitor.rtol, "monitor_iterations": controller.monitor.stats.iterations,
             "monitor_collectives": controller.monitor.stats.collectives, "replicated": replicated,
             "batch_size": run.batch_size, "block_size": run.block_size, "repeats": reps, "errors": errors}
 
 
 def gpt_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from dist_lowrank.config import MonitorConfig
     from dist_lowrank.multiproc import run_ranks
 
     rows = []
@@ -179,12 +181,16 @@ def gpt_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         est = [max(r["repeats"][i]["estimate_s"] for r in ranks) for i in range(args.repeats)]
         ratio = [e / s for e, s in zip(est, step)]
         amortized = [x / first["cadence"] for x in ratio]
+        default_cadence = MonitorConfig().cadence_steps  # the target is at the plugin's default cadence
+        amortized_default = [x / default_cadence for x in ratio]
         row = {"backend": name, "layers": first["layers"], "cadence": first["cadence"], "method": first["method"],
                "monitor_steps": first["monitor_steps"], "monitor_bytes": first["monitor_bytes"],
                "monitor_collectives": first["monitor_collectives"], "replicated": first["replicated"],
                "batch_size": first["batch_size"], "block_size": first["block_size"],
                "step_s": summary(step), "estimate_s": summary(est), "estimate_per_step": summary(ratio),
-               "amortized_overhead": summary(amortized),
+               "amortized_overhead": summary(amortized), "default_cadence": default_cadence,
+               "amortized_overhead_default": summary(amortized_default), "monitor_rtol": first["monitor_rtol"],
+               "monitor_iterations": first["monitor_iterations"],
                "worst_rel_error": max(e["rel_error"] for e in first["errors"].values()), "errors": first["errors"],
                "per_rank": ranks}
         if "exact_monitor_s" in first["repeats"][0]:
@@ -204,19 +210,23 @@ def print_gpt(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
           f"x{r0['block_size']} tokens/rank), 2 gloo ranks")
     print(f"    {args.repeats} repeats of ({args.steps} steps, {args.estimates} estimates); per repeat the median, max "
           f"over ranks; shown: median [min-max] over repeats")
-    print(f"{'backend':7} {'step s':>21} {'estimate s':>21} {'estimate/step':>21} {'amortized %':>21} "
+    head_cfg, head_def = f"amortized % @{r0['cadence']}", f"amortized % @{r0['default_cadence']}"
+    print(f"{'backend':7} {'step s':>21} {'estimate s':>21} {'estimate/step':>21} {head_cfg:>21} {head_def:>21} "
           f"{'target':>6}")
     for r in rows:
-        ok = "met" if r["amortized_overhead"]["median"] <= OVERHEAD_TARGET else "MISSED"
+        ok = "met" if r["amortized_overhead_default"]["median"] <= OVERHEAD_TARGET else "MISSED"
         print(f"{r['backend']:7} {fmt(r['step_s']):>21} {fmt(r['estimate_s']):>21} "
-              f"{fmt(r['estimate_per_step']):>21} {fmt(r['amortized_overhead'], 100, 2):>21} {ok:>6}")
-    print(f"    amortized = estimate / ({r0['cadence']} x step); target <= {100 * OVERHEAD_TARGET:.1f}%")
+              f"{fmt(r['estimate_per_step']):>21} {fmt(r['amortized_overhead'], 100, 2):>21} "
+              f"{fmt(r['amortized_overhead_default'], 100, 2):>21} {ok:>6}")
+    print(f"    amortized = estimate / (cadence x step) at the config's cadence ({r0['cadence']}) and at the plugin's "
+          f"default ({r0['default_cadence']}); target <= {100 * OVERHEAD_TARGET:.1f}% at the default")
     for r in rows:
         extra = ""
         if "exact_monitor_s" in r:
             extra = (f"; same layers with RankMonitor('exact') (owner SVDs): {fmt(r['exact_monitor_s'])} s = "
                      f"{fmt(r['exact_monitor_per_step'])} steps")
-        print(f"    {r['backend']}: {r['monitor_collectives']} all-reduces, {r['monitor_bytes']:,} B per estimate, "
+        print(f"    {r['backend']}: {r['monitor_collectives']} all-reduces, {r['monitor_bytes']:,} B, "
+              f"{r['monitor_iterations']} Krylov steps (rtol {r['monitor_rtol']:g}) per estimate, "
               f"worst srank error vs exact SVD {100 * r['worst_rel_error']:.4f}%{extra}")
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_lowrank.linalg.krylov import sigma_max_batched
+from dist_lowrank.linalg.krylov import sigma_max_gram
 
 METHODS = ("exact", "lanczos", "power")
 
@@ -64,8 +64,9 @@ def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20, rt
     if method == "exact":
         sigma_unit = float(torch.linalg.svdvals(x)[0])
     else:
-        sigma_unit = sigma_max_batched(lambda vs: [x @ vs[0]], lambda us: [x.T @ us[0]], [tuple(x.shape)],
-                                       method=method, steps=steps, device=x.device,
-                                       rtol=rtol)[0]
+        # Lanczos on the smaller Gram matrix (xᵀx or x xᵀ): same σ_max, one orthogonalization per step.
+        g = x if x.shape[1] <= x.shape[0] else x.T
+        sigma_unit = sigma_max_gram(lambda vs: [g.T @ (g @ vs[0])], [g.shape[1]], method=method, steps=steps,
+                                    device=x.device, rtol=rtol)[0]
     value = fro_unit / (sigma_unit * sigma_unit) if sigma_unit > 0.0 else math.inf
     return SrankResult(value, fro_unit * peak * peak, sigma_unit * peak, "ok")

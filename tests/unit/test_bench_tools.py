@@ -35,13 +35,17 @@ def test_bench_monitor_smallest(tmp_path: Path) -> None:
     for key in ("step_s", "estimate_s", "estimate_per_step", "amortized_overhead"):
         assert set(gpt[key]) == {"median", "min", "max"} and gpt[key]["median"] > 0
     assert gpt["amortized_overhead"]["median"] == pytest.approx(gpt["estimate_per_step"]["median"] / 20)
+    assert gpt["amortized_overhead_default"]["median"] == pytest.approx(gpt["estimate_per_step"]["median"] / 50)
+    # ZeRO-2 weights are replicated: each owner rank estimates its layers alone, no collective Krylov steps
+    assert gpt["default_cadence"] == 50 and gpt["monitor_iterations"] == 0 and gpt["monitor_collectives"] == 1
     assert gpt["worst_rel_error"] < 0.01
     (row,) = data["widths"]
     assert (row["backend"], row["width"], row["method"]) == ("fsdp2", 256, "lanczos:30")
     assert 0 < row["sharded_bytes"] < row["gathered_bytes"]
     assert row["gathered_bytes"] == pytest.approx(row["gathered_bytes_analytic"], abs=64)
-    # 30 Lanczos steps: one all-reduce of the m-vectors and one of the n-vectors (fp64) per step, + the norms
-    assert row["monitor_payload_bytes"] == 30 * 8 * 2 * (256 + 256) + 8 * 2 * 2
+    # FSDP2 rows are whole: 30 Lanczos steps on WᵀW, one all-reduce of the two n-vectors (fp64) per step,
+    # + the (norm, non-finite, cut-row) table
+    assert row["monitor_payload_bytes"] == 30 * 8 * (256 + 256) + 8 * 3 * 2
     assert row["worst_rel_error"] < 0.01
     assert row["sharded_s"]["median"] > 0 and row["gathered_s"]["median"] > 0
 

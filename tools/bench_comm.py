@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--backends", default=",".join(ENGINES))
     parser.add_argument("--rank-rule", choices=("scaled", "raw"), default=None, help="default: the config's")
     parser.add_argument("--keep-dense-by-timing", action="store_true")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every run after the tool's own (repeatable)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     engines = args.backends.split(",")
@@ -53,8 +55,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in engines:
-            results[engine] = measure(args.config, engine, extra, Path(tmp) / engine)
-    print(f"config {args.config.name} {' '.join(extra)}; bytes each rank sends per training step\n")
+            results[engine] = measure(args.config, engine, extra + args.override, Path(tmp) / engine)
+    print(f"config {args.config.name} {' '.join(extra + args.override)}; bytes each rank sends per training step\n")
     print("| backend | full measured | full analytic | diff | low measured | low analytic | diff | full/low "
           "| params full/low |")
     print("|---|---|---|---|---|---|---|---|---|")

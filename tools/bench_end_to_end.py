@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "gpt_shakespeare_zero2.yaml")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every run after the tool's own (repeatable)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     names = args.variants.split(",")
@@ -57,7 +59,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):  # interleaved, so load changes hit every variant alike
             for name in names:
-                results[name].append(run_variant(args.config, VARIANTS[name], Path(tmp) / f"{name}{repeat}"))
+                results[name].append(run_variant(args.config, VARIANTS[name] + args.override,
+                                                 Path(tmp) / f"{name}{repeat}"))
     base = results.get("full_rank")
     print(f"config {args.config.name}, repeats {args.repeats} (median [min–max])\n")
     print("| variant | wall s | tokens/s after switch | val loss | params | speed-up (wall) | tokens/s ratio "

@@ -28,10 +28,10 @@ def test_exception_in_one_ranks_factorization_ends_every_rank_with_the_cause(tmp
 
 
 def test_straggler_is_named_not_waited_for(tmp_path):
-    """Scenario 5: rank 1 sleeps 20 s before the switch, the barrier allows 3 s: rank 0 names rank 1."""
+    """Scenario 5: rank 1 sleeps 10 s before the switch, the barrier allows 3 s: rank 0 names rank 1."""
     results = run_ranks(train_worker, world=2, timeout=240, expect_errors=True,
                         args=([f"run.out_dir={tmp_path}", "lowrank.switch.barrier_timeout_s=3"],),
-                        env={"DIST_LOWRANK_FAULT": "switch@8:sleep:1:20"})
+                        env={"DIST_LOWRANK_FAULT": "switch@8:sleep:1:10"})
     assert results[0][0] == "error" and "StragglerError" in results[0][1], results[0]
     assert "1" in results[0][1].split("StragglerError", 1)[1].splitlines()[0]
     assert results[1][0] == "error", "the late rank fails too once its peer is gone (no hang)"

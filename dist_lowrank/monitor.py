@@ -94,6 +94,7 @@ class RankMonitor:
         if not 0.0 <= rtol < 1.0:
             raise ValueError(f"monitor.rtol: got {rtol!r}; allowed: a number in [0, 1)")
         self.method, self.steps, self.group, self.rtol = method, steps, group, rtol
+        self._vote, self._agreed = 0.0, False
         self.stats = MonitorStats()
 
     # -- collectives (counted) -------------------------------------------------------------------
@@ -166,9 +167,24 @@ class RankMonitor:
                 out[view.name] = SrankResult(fro[i] / (s * s), fro[i], s, "ok")
         return out
 
+    def _with_vote(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """All-reduce a step's vectors; with rtol > 0 one extra slot carries each rank's stop vote, so the
+        collective early-stop decision costs no collective of its own (it lags one step)."""
+        if self.rtol <= 0.0:
+            return self._all_reduce(torch.cat(parts))
+        reduced = self._all_reduce(torch.cat(parts + [torch.tensor([self._vote], dtype=parts[0].dtype)]))
+        world = dist.get_world_size(self.group) if _distributed() else 1
+        self._agreed = float(reduced[-1]) >= world
+        return reduced[:-1]
+
     def _agree(self, settled: bool) -> bool:
-        """Stop the Krylov steps early only if every rank's layers settled (one tiny all-reduce)."""
-        return bool(self._all_reduce(torch.tensor([1.0 if settled else 0.0]), dist.ReduceOp.MIN)[0] > 0)
+        """Krylov's stop hook: record this rank's vote for the next all-reduce; answer with the vote all
+        ranks cast one step earlier (identical on every rank, so every rank stops at the same step)."""
+        self._vote = 1.0 if settled else 0.0
+        return self._agreed
+
+    def _reset_votes(self) -> None:
+        self._vote, self._agreed = 0.0, False
 
     def _sigmas_gram(self, pieces: list[_LocalPiece], views: list[ShardView], chosen: list[int],
                      method: str) -> dict[int, float]:
@@ -180,8 +196,9 @@ class RankMonitor:
         def apply_g(vs: list[torch.Tensor]) -> list[torch.Tensor]:
             self.stats.iterations += 1
             parts = [pieces[i].gram(v.to(pieces[i].values.dtype)) for i, v in zip(chosen, vs)]
-            return self._split(self._all_reduce(torch.cat(parts)), ns)
+            return self._split(self._with_vote(parts), ns)
 
+        self._reset_votes()
         values = sigma_max_gram(apply_g, ns, method=method, steps=self.steps, rtol=self.rtol, agree=self._agree)
         return dict(zip(chosen, values))
 
@@ -195,12 +212,13 @@ class RankMonitor:
         def apply_a(vs: list[torch.Tensor]) -> list[torch.Tensor]:
             self.stats.iterations += 1
             parts = [pieces[i].matvec(v.to(pieces[i].values.dtype)) for i, v in zip(chosen, vs)]
-            return self._split(self._all_reduce(torch.cat(parts)), [d[0] for d in dims])
+            return self._split(self._with_vote(parts), [d[0] for d in dims])
 
         def apply_at(us: list[torch.Tensor]) -> list[torch.Tensor]:
             parts = [pieces[i].rmatvec(u.to(pieces[i].values.dtype)) for i, u in zip(chosen, us)]
             return self._split(self._all_reduce(torch.cat(parts)), [d[1] for d in dims])
 
+        self._reset_votes()
         values = sigma_max_batched(apply_a, apply_at, dims, method=method, steps=self.steps, rtol=self.rtol,
                                    agree=self._agree)
         return dict(zip(chosen, values))

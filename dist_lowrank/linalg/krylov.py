@@ -8,8 +8,9 @@ random weights, where plain power iteration needs far more (DESIGN.md §3).
 Every rank must get bit-identical answers from identical inputs, so the start vector comes from a
 fixed-seed generator (never the global RNG) and layers that finish early keep receiving zero vectors.
 The loop ends early only when every layer has converged (σ_max moved less than `rtol` relative in the
-last step) *and* the optional `agree` hook says all ranks want to stop: a distributed caller makes that
-one collective decision, so the call sequence is the same on every rank even if their data differed.
+last step) and the optional `agree(settled)` hook says stop: a distributed caller answers with a decision
+all ranks share (the monitor's lags one step: the votes ride on the next step's all-reduce), so the call
+sequence is the same on every rank even if their data differed.
 """
 from __future__ import annotations
 
@@ -254,10 +255,28 @@ def sigma_max_gram(apply_g: Operator, ns: list[int], method: str = "lanczos", st
         for layer, out in zip(layers, outs):
             layer.take(out, method)
         if rtol > 0.0 and step + 1 >= MIN_STEPS_BEFORE_STOP and step + 1 < steps:
-            settled = all([x.settled(method, rtol) for x in layers])
+            settled = _gram_settled(layers, method, rtol)
             if agree(settled) if agree is not None else settled:
                 break
     return [x.sigma(method) for x in layers]
+
+
+def _gram_settled(layers: list["_GramLayer"], method: str, rtol: float) -> bool:
+    """Record every live layer's current σ (one batched eigvalsh: live layers share k) and report whether
+    all of them moved less than rtol in this step."""
+    live = [x for x in layers if x.alive]
+    if not live:
+        return True
+    if method == "power":
+        sigmas = [x.sigma(method) for x in live]
+    else:
+        k = len(live[0].alphas)
+        sigmas = torch.linalg.eigvalsh(torch.stack([x.t[:k, :k] for x in live]))[:, -1].clamp(min=0).sqrt().tolist()
+    done = True
+    for x, sigma in zip(live, sigmas):
+        x.history.append(sigma)
+        done = done and len(x.history) >= 2 and abs(x.history[-1] - x.history[-2]) <= rtol * abs(sigma)
+    return done
 
 
 class _GramLayer:
@@ -269,6 +288,7 @@ class _GramLayer:
         self.basis = _Basis(min(steps, n), n, dtype, device)
         self.alphas: list[float] = []
         self.betas: list[float] = []
+        self.t = torch.zeros(steps, steps, dtype=torch.float64)  # T_k in its top-left k × k block
         self.alive = True
         self.nonfinite = False
         self.scale = 0.0
@@ -294,7 +314,11 @@ class _GramLayer:
             else:
                 self.v = gv / raw_norm
             return
+        k = len(self.alphas)
         self.alphas.append(float(self.v @ gv))
+        self.t[k, k] = self.alphas[-1]
+        if k:
+            self.t[k, k - 1] = self.t[k - 1, k] = self.betas[k - 1]
         self.basis.add(self.v)
         if self.basis.size >= self.n:  # V spans R^n: T_k is G itself
             self.alive = False
@@ -308,13 +332,6 @@ class _GramLayer:
         self.betas.append(beta)
         self.v = w / beta
 
-    def settled(self, method: str, rtol: float) -> bool:
-        """True once stopped, or when this step's σ estimate moved less than rtol from the last one."""
-        if not self.alive:
-            return True
-        self.history.append(self.sigma(method))
-        return len(self.history) >= 2 and abs(self.history[-1] - self.history[-2]) <= rtol * abs(self.history[-1])
-
     def sigma(self, method: str) -> float:
         if self.nonfinite:
             return math.nan
@@ -323,8 +340,4 @@ class _GramLayer:
         k = len(self.alphas)
         if k == 0:
             return 0.0
-        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(self.betas[: k - 1], dtype=torch.float64)
-            t += torch.diag(off, 1) + torch.diag(off, -1)
-        return math.sqrt(max(float(torch.linalg.eigvalsh(t)[-1]), 0.0))
+        return math.sqrt(max(float(torch.linalg.eigvalsh(self.t[:k, :k])[-1]), 0.0))

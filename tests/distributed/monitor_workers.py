@@ -50,6 +50,17 @@ def estimate_worker(rank: int, world: int, layout: str, method: str, steps: int)
     return {n: (r.value, r.status) for n, r in res.items()}, monitor.stats.bytes, monitor.stats.collectives
 
 
+def early_stop_worker(rank: int, world: int, layout: str, rtol: float):
+    """30 Lanczos steps at most, stopping once every layer settled to rtol (the votes ride on the steps'
+    all-reduces): (results, Krylov steps run, collectives, bytes)."""
+    from dist_lowrank.monitor import RankMonitor
+
+    monitor = RankMonitor("lanczos", 30, rtol=rtol)
+    res = monitor.estimate(views_for(layout, rank, world, make_matrices()))
+    stats = monitor.stats
+    return {n: (r.value, r.status) for n, r in res.items()}, stats.iterations, stats.collectives, stats.bytes
+
+
 def degenerate_worker(rank: int, world: int):
     """Zero, NaN-on-one-rank's-shard and Inf layers under row sharding: named, identical results."""
     from dist_lowrank.monitor import RankMonitor

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.monitor_workers import (SHAPES, agree_worker, degenerate_worker, estimate_worker, failure_worker,
-                                        make_matrices, near_threshold_worker)
+from tests.distributed.monitor_workers import (SHAPES, agree_worker, degenerate_worker, early_stop_worker,
+                                               estimate_worker, failure_worker, make_matrices, near_threshold_worker)
 from tests.dist_harness import run_ranks
 from tests.distributed.switch_common import monitor_bytes, zero3_cuts_rows
 
@@ -40,6 +40,26 @@ def test_sharded_estimates_match_exact_and_agree(layout):
         assert bytes0 < 8 * sum(m * n for m, n in SHAPES)  # far below gathering the weights
     else:
         assert bytes0 == 8 * 4 * len(SHAPES)  # one shared result table
+
+
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_early_stop_is_shared_by_every_rank_and_costs_no_extra_collective(layout):
+    """monitor.rtol: every rank stops at the same Krylov step, before the 30-step budget, with the same
+    estimates (within 1% of exact); the stop votes travel inside the steps' own all-reduces."""
+    reference = exact_sranks()
+    (r0, it0, calls0, bytes0), (r1, it1, calls1, _) = run_ranks(early_stop_worker, args=(layout, 1e-6), timeout=120)
+    assert r0 == r1 and it0 == it1 and calls0 == calls1
+    cut = [layout == "flat" and zero3_cuts_rows(m, n) for m, n in SHAPES]
+    # WᵀW steps cost one all-reduce, Golub–Kahan steps (the 7x33 layer cut under "flat") two; + the norm table.
+    gkl_steps = calls0 - 1 - it0
+    gram_steps = it0 - gkl_steps
+    assert 4 <= gram_steps < 30 and (0 < gkl_steps < 30 if any(cut) else gkl_steps == 0)
+    whole_n = sum(n for (m, n), c in zip(SHAPES, cut) if not c)
+    cut_mn = sum(m + n for (m, n), c in zip(SHAPES, cut) if c)
+    # one vote slot rides on each step's first all-reduce: no collective of its own
+    assert bytes0 == 8 * (3 * len(SHAPES) + gram_steps * (whole_n + 1) + gkl_steps * (cut_mn + 1))
+    for name, exact in reference.items():
+        assert r0[name][0] == pytest.approx(exact, rel=0.01), name
 
 
 def test_degenerate_layers_named_and_identical():

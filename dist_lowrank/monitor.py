@@ -26,6 +26,9 @@ from dist_lowrank.linalg import SrankResult, sigma_max_batched, sigma_max_gram, 
 from dist_lowrank.shard_view import ShardView, row_runs
 
 _STATUS_CODES = {"ok": 0.0, "zero": 1.0, "nonfinite": 2.0}
+# Up to this world size, a gloo sum is an all-gather + local sum: latency-bound vectors, (p-1)·n bytes per rank
+# instead of the ring's 2(p-1)/p·n (equal at p = 2). NCCL, or more ranks, use all_reduce.
+GATHER_SUM_MAX_WORLD = 2
 _CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
 
 
@@ -99,13 +102,23 @@ class RankMonitor:
 
     # -- collectives (counted) -------------------------------------------------------------------
     def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """Sum (or `op`) over ranks; identical bits on every rank. Counted: one collective, the input's bytes."""
         if not _distributed():
             return tensor
         device = comm_device()
         moved = tensor.to(device)
-        dist.all_reduce(moved, op=op or dist.ReduceOp.SUM, group=self.group)
+        op = op or dist.ReduceOp.SUM
+        world = dist.get_world_size(self.group)
+        if op == dist.ReduceOp.SUM and world <= GATHER_SUM_MAX_WORLD and dist.get_backend(self.group) == "gloo":
+            # gloo's all_reduce of a few-KB vector costs ~2 ms of fixed latency here, its all-gather ~0.7 ms
+            # with the same bytes per rank at p = 2 (tools/bench_monitor.py): gather, then sum in rank order.
+            gathered = torch.empty(world * moved.numel(), dtype=moved.dtype, device=device)
+            dist.all_gather_into_tensor(gathered, moved.reshape(-1), group=self.group)
+            moved = gathered.view(world, -1).sum(dim=0).view(moved.shape)
+        else:
+            dist.all_reduce(moved, op=op, group=self.group)
         self.stats.collectives += 1
-        self.stats.bytes += moved.numel() * moved.element_size()
+        self.stats.bytes += tensor.numel() * tensor.element_size()
         return moved.to(tensor.device)
 
     # -- public API -------------------------------------------------------------------------------

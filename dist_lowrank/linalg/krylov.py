@@ -50,12 +50,7 @@ def sigma_max_batched(apply_a: Operator, apply_at: Operator, dims: list[tuple[in
     step) and `agree(True)` returns True. Vectors live on `device` (default CPU) in `dtype`. An
     operator returning NaN/Inf gives NaN for that layer only; a zero operator gives 0.0.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: got {method!r}; allowed: {', '.join(METHODS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: got {steps!r}; allowed: an int >= 1")
-    if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
-        raise ValueError(f"rtol: got {rtol!r}; allowed: a number in [0, 1)")
+    _check_options(method, steps, rtol)
     dims = [(int(m), int(n)) for m, n in dims]
     if any(m < 1 or n < 1 for m, n in dims):
         raise ValueError(f"dims: got {dims}; allowed: (m, n) pairs with m, n >= 1")
@@ -73,6 +68,16 @@ def sigma_max_batched(apply_a: Operator, apply_at: Operator, dims: list[tuple[in
             if (agree(settled) if agree is not None else settled):
                 break
     return [x.sigma(method) for x in layers]
+
+
+def _check_options(method: str, steps: int, rtol: float) -> None:
+    """One line naming the bad argument (the monitor passes these straight from the config)."""
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}; allowed: {', '.join(METHODS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: got {steps!r}; allowed: an int >= 1")
+    if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
+        raise ValueError(f"rtol: got {rtol!r}; allowed: a number in [0, 1)")
 
 
 def _vectors(outs: Vectors, sizes: list[int], name: str, dtype: torch.dtype, device: torch.device) -> Vectors:
@@ -111,7 +116,22 @@ class _Basis:
         return x
 
 
-class _Layer:
+class _KrylovState:
+    """What every layer's Krylov run keeps: the current right vector, α/β, liveness, scale, σ history."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n = n
+        self.v = start_vector(n, dtype, device)
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.alive = True
+        self.nonfinite = False
+        self.scale = 0.0
+        self.history: list[float] = []
+        self.tol = TOL_FACTOR * torch.finfo(dtype).eps
+
+
+class _Layer(_KrylovState):
     """One operator's Krylov state. Lanczos: A V_k = U_k B_k (B upper bidiagonal, α diagonal, β above).
 
     Power iteration keeps only v and σ ≈ sqrt(‖AᵀA v‖) (a lower bound of σ_max for unit v, at least
@@ -119,19 +139,12 @@ class _Layer:
     """
 
     def __init__(self, m: int, n: int, steps: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.m, self.n = m, n
-        self.v = start_vector(n, dtype, device)
+        _KrylovState.__init__(self, n, dtype, device)
+        self.m = m
         self.u: Optional[torch.Tensor] = None
         self.u_basis = _Basis(min(steps, m), m, dtype, device)
         self.v_basis = _Basis(min(steps, n), n, dtype, device)
-        self.alphas: list[float] = []
-        self.betas: list[float] = []
-        self.alive = True
-        self.nonfinite = False
-        self.scale = 0.0
         self.power_sigma = 0.0
-        self.history: list[float] = []
-        self.tol = TOL_FACTOR * torch.finfo(dtype).eps
 
     # What this layer feeds the shared operator calls: its vector, or zeros once it has stopped.
     def right_input(self) -> torch.Tensor:
@@ -239,12 +252,7 @@ def sigma_max_gram(apply_g: Operator, ns: list[int], method: str = "lanczos", st
     gives sqrt(‖AᵀA v‖), exactly what `sigma_max_batched` computes with two calls. Call count, `rtol`
     and `agree` as in `sigma_max_batched`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: got {method!r}; allowed: {', '.join(METHODS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: got {steps!r}; allowed: an int >= 1")
-    if not (isinstance(rtol, (int, float)) and 0.0 <= rtol < 1.0):
-        raise ValueError(f"rtol: got {rtol!r}; allowed: a number in [0, 1)")
+    _check_options(method, steps, rtol)
     ns = [int(n) for n in ns]
     if any(n < 1 for n in ns):
         raise ValueError(f"ns: got {ns}; allowed: sizes >= 1")
@@ -279,22 +287,14 @@ def _gram_settled(layers: list["_GramLayer"], method: str, rtol: float) -> bool:
     return done
 
 
-class _GramLayer:
+class _GramLayer(_KrylovState):
     """Lanczos on G = AᵀA: G V_k = V_k T_k + β_k v_{k+1} e_kᵀ (T tridiagonal: α diagonal, β beside)."""
 
     def __init__(self, n: int, steps: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.n = n
-        self.v = start_vector(n, dtype, device)
+        _KrylovState.__init__(self, n, dtype, device)
         self.basis = _Basis(min(steps, n), n, dtype, device)
-        self.alphas: list[float] = []
-        self.betas: list[float] = []
         self.t = torch.zeros(steps, steps, dtype=torch.float64)  # T_k in its top-left k × k block
-        self.alive = True
-        self.nonfinite = False
-        self.scale = 0.0
         self.power_lambda = 0.0
-        self.history: list[float] = []
-        self.tol = TOL_FACTOR * torch.finfo(dtype).eps
 
     def input(self) -> torch.Tensor:
         return self.v if self.alive else torch.zeros_like(self.v)

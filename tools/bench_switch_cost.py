@@ -131,7 +131,7 @@ def _finish(row: dict[str, Any], base: float) -> dict[str, Any]:
 
 
 def worker(rank: int, world: int, backend_name: str, width: int, layer_counts: list[int], batch: int, steps: int,
-           repeats: int, warmup: int) -> list[dict[str, Any]]:
+           repeats: int, warmup: int, gc_freeze: bool) -> list[dict[str, Any]]:
     """Per layer count (ascending) and repeat: fresh engine, warm-up, timed steady steps, switch, timed steps."""
     import torch
     import torch.distributed as dist
@@ -143,7 +143,11 @@ def worker(rank: int, world: int, backend_name: str, width: int, layer_counts: l
         from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 
         init_deepspeed_distributed()
-    if backend_name == "fsdp2":
+    if gc_freeze:  # as `dist-lowrank train` does before it builds a model (dist_lowrank/gc_freeze.py)
+        from dist_lowrank.gc_freeze import freeze_startup_objects
+
+        freeze_startup_objects("deepspeed" if backend_name.startswith("zero") else backend_name)
+    elif backend_name == "fsdp2":
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     rows = []
     for layers in layer_counts:
@@ -177,7 +181,7 @@ def worker(rank: int, world: int, backend_name: str, width: int, layer_counts: l
 
 
 def gpt_worker(rank: int, world: int, name: str, config: str, overrides: list[str], steps: int, repeats: int,
-               warmup: int, rank_divisor: int) -> list[dict[str, Any]]:
+               warmup: int, rank_divisor: int, gc_freeze: bool) -> list[dict[str, Any]]:
     """The GPT demo model (built like `dist-lowrank train` does), every target switched to min(m, n) // divisor."""
     import torch
     import torch.distributed as dist
@@ -193,6 +197,10 @@ def gpt_worker(rank: int, world: int, name: str, config: str, overrides: list[st
         from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 
         init_deepspeed_distributed()
+    if gc_freeze:
+        from dist_lowrank.gc_freeze import freeze_startup_objects
+
+        freeze_startup_objects(run.backend)
     task = build_task(run)  # data once: its temporaries are freed before the first baseline
     rows = []
     for rep in range(-1, repeats):  # repeat -1 (short, not reported): one-time library initialization
@@ -293,6 +301,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="the GPT demo model on these backends too: ddp, fsdp2, zero2, zero3 ('' = skip)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="the GPT demo config")
     parser.add_argument("--gpt-rank-divisor", type=int, default=4, help="GPT targets switch to min(m, n) // this")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="skip gc.freeze() before the models are built (dist-lowrank train does it)")
     parser.add_argument("--json", default=None, help="write every measurement here")
     args = parser.parse_args(argv)
     from dist_lowrank.multiproc import run_ranks
@@ -305,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if name not in BACKENDS:
             raise SystemExit(f"--backends: {name!r}; allowed: {', '.join(BACKENDS)}")
         ranks = run_ranks(worker, timeout=3600, args=(name, args.width, layer_counts, args.batch, args.steps,
-                                                      args.repeats, args.warmup))
+                                                      args.repeats, args.warmup, not args.no_gc_freeze))
         rows += aggregate(ranks, layer_counts, args.repeats)
     gpt = []
     for name in [b for b in args.gpt_backends.split(",") if b]:
@@ -313,11 +323,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(f"--gpt-backends: {name!r}; allowed: {', '.join(GPT_BACKENDS)}")
         ranks = run_ranks(gpt_worker, timeout=3600, args=(f"gpt-{name}", os.path.abspath(args.config),
                                                           GPT_BACKENDS[name], args.steps, args.repeats, args.warmup,
-                                                          args.gpt_rank_divisor))
+                                                          args.gpt_rank_divisor, not args.no_gc_freeze))
         gpt += aggregate(ranks, [ranks[0][0]["layers"]], args.repeats)
     if rows:
         print_table(f"(1) Linear stack: switch of every hidden layer (width {args.width}, rank {args.width // 8}), "
-                    f"batch {args.batch}, 2 gloo ranks;\n    median [min-max] over {args.repeats} repeats "
+                    f"batch {args.batch}, 2 gloo ranks, gc.freeze() {'off' if args.no_gc_freeze else 'on'};\n    median [min-max] over {args.repeats} repeats "
                     f"(per repeat: slower rank's time, larger rank's memory)", rows)
     if gpt:
         tokens, config = gpt[0]["per_rank"][0]["tokens"], os.path.relpath(os.path.abspath(args.config), ROOT)

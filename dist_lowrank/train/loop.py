@@ -23,6 +23,7 @@ from dist_lowrank.checkpoint.manifest import Manifest, apply_layout
 from dist_lowrank.config import LowRankConfig, config_to_dict
 from dist_lowrank.controller import LowRankController
 from dist_lowrank.errors import ConfigError
+from dist_lowrank.gc_freeze import startup_objects_frozen
 from dist_lowrank.inrank_model import to_inrank
 from dist_lowrank.layers import frobenius_decay_, frobenius_penalty
 from dist_lowrank.surgery import count_parameters
@@ -173,6 +174,11 @@ def _records_until(path: Path, step: int) -> list[str]:
 
 def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     """Train for run.steps optimizer steps; return (and on rank 0 write) the run summary."""
+    with startup_objects_frozen(run.backend):  # before any model: keeps the switch's gc pass short
+        return _train(run, lowrank)
+
+
+def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     rank, world = _rank_world()
     if lowrank.cuttlefish.frobenius_decay > 0 and (run.backend == "fsdp2" or
                                                    (run.backend == "deepspeed" and run.zero_stage == 3)):

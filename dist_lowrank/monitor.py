@@ -43,6 +43,9 @@ class _LocalPiece:
         self.m, self.n = view.dims
         self.values = view.local_flat.detach().reshape(-1).to(dtype)
         self.runs = row_runs(view.flat_offset, self.values.numel(), self.n)
+        # whole-row runs as (count × n) views, made once: the Gram product runs every Krylov step
+        self.blocks = [self.values[start: start + count * self.n].view(count, self.n)
+                       for _, col, start, count in self.runs if col < 0]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.m, dtype=v.dtype)
@@ -61,9 +64,10 @@ class _LocalPiece:
 
     def gram(self, v: torch.Tensor) -> torch.Tensor:
         """W_rᵀ (W_r v) for a piece of whole rows: this rank's share of WᵀW v."""
+        if len(self.blocks) == 1:
+            return self.blocks[0].T @ (self.blocks[0] @ v)
         out = torch.zeros(self.n, dtype=v.dtype)
-        for _, _, start, count in self.runs:
-            block = self.values[start: start + count * self.n].view(count, self.n)
+        for block in self.blocks:
             out += block.T @ (block @ v)
         return out
 

@@ -270,8 +270,8 @@ def sigma_max_gram(apply_g: Operator, ns: list[int], method: str = "lanczos", st
 
 
 def _gram_settled(layers: list["_GramLayer"], method: str, rtol: float) -> bool:
-    """Record every live layer's current σ (one batched eigvalsh: live layers share k) and report whether
-    all of them moved less than rtol in this step."""
+    """Record every live layer's current σ (one batched eigvalsh: live layers share k); a layer whose σ
+    moved less than rtol in this step stops (its later slots are zeros); report whether all have stopped."""
     live = [x for x in layers if x.alive]
     if not live:
         return True
@@ -283,7 +283,10 @@ def _gram_settled(layers: list["_GramLayer"], method: str, rtol: float) -> bool:
     done = True
     for x, sigma in zip(live, sigmas):
         x.history.append(sigma)
-        done = done and len(x.history) >= 2 and abs(x.history[-1] - x.history[-2]) <= rtol * abs(sigma)
+        if len(x.history) >= 2 and abs(x.history[-1] - x.history[-2]) <= rtol * abs(sigma):
+            x.alive = False  # settled: no more Krylov work for this layer (same decision on every rank)
+        else:
+            done = False
     return done
 
 

@@ -300,3 +300,20 @@ def test_gram_lanczos_matches_golub_kahan_with_one_product_per_step(method):
             assert g == pytest.approx(float(np_svals(m.numpy())[0]), rel=1e-4)
         else:  # sqrt(‖AᵀA v‖) with the same start vector: the same iterates as the two-product form
             assert g == pytest.approx(k, rel=1e-12)
+
+
+def test_gram_lanczos_stops_each_settled_layer_while_slower_ones_continue():
+    # Layer 0 has a wide spectral gap (settles in a few steps), layer 1 a flat top (needs many more).
+    fast = with_spectrum(200, 150, torch.cat([torch.tensor([10.0]), torch.linspace(1, 0.1, 149)]), seed=4)
+    slow = torch.randn(200, 150, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    mats, live_inputs = [fast, slow], [0, 0]
+
+    def apply_g(vs):
+        for i, v in enumerate(vs):
+            live_inputs[i] += int(bool(v.any()))  # a stopped layer's slot is zeros
+        return [m.T @ (m @ v) for m, v in zip(mats, vs)]
+
+    sigmas = sigma_max_gram(apply_g, [150, 150], steps=40, rtol=1e-8)
+    assert live_inputs[0] < live_inputs[1], live_inputs
+    for sigma, m in zip(sigmas, mats):
+        assert sigma == pytest.approx(float(np_svals(m.numpy())[0]), rel=1e-6)

@@ -34,10 +34,25 @@ class CharTokenizer:
     def __init__(self, text: str) -> None:
         self.chars = sorted(set(text))
         self.index = {c: i for i, c in enumerate(self.chars)}
+        self._codes = torch.tensor([ord(c) for c in self.chars], dtype=torch.long)
 
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor([self.index.get(c, 0) for c in text], dtype=torch.long)
+        """Code points → indices through one lookup table: a per-character Python loop over the ~5M
+        characters of the plays took ~1.4 s in every rank of every run."""
+        codes = _code_points(text)
+        top = max(int(codes.max()) if codes.numel() else 0, int(self._codes.max()) if self._codes.numel() else 0)
+        table = torch.zeros(top + 1, dtype=torch.long)
+        table[self._codes] = torch.arange(len(self.chars), dtype=torch.long)
+        return table[codes]
+
+
+def _code_points(text: str) -> torch.Tensor:
+    """Unicode code points of `text` as int64 (UTF-32 bytes read as one int32 per character)."""
+    raw = bytearray(text.encode("utf-32-le", errors="surrogatepass"))
+    if not raw:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(raw, dtype=torch.int32).long()

@@ -2,20 +2,21 @@
 
 Inside torchrun, the deepspeed launcher, SLURM or mpirun (see launch_env) every process joins the job.
 Otherwise run.world_size processes are started here (gloo on CPU, nccl on GPUs), or, for
-world_size 1, the job runs in this process without a process group.
+world_size 1, the job runs in this process without a process group. The parent that starts local ranks
+never imports torch (3 s here, before any rank could start): torch is imported where it is used.
 """
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import socket
 import sys
+from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any, Optional
 
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
 from dist_lowrank.config import LowRankConfig
-from dist_lowrank.device import default_dist_backend
 from dist_lowrank.errors import DistLowRankError
 from dist_lowrank.launch_env import apply, discover
 from dist_lowrank.train.run_config import RunConfig
@@ -54,6 +55,10 @@ def init_process_group() -> None:
     its own key prefix in the store: torch 2.13's torchrun hands the restarted workers a store that still
     holds the failed attempt's keys, and gloo then dials the dead workers' addresses (connectFullMesh:
     connection refused) instead of meeting the new ones."""
+    import torch.distributed as dist
+
+    from dist_lowrank.device import default_dist_backend
+
     backend = default_dist_backend()
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
@@ -65,6 +70,8 @@ def init_process_group() -> None:
 
 
 def _train_in_group(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
+    import torch.distributed as dist
+
     from dist_lowrank.train.loop import train
 
     init_process_group()
@@ -76,19 +83,40 @@ def _train_in_group(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
 
 def run_training(run: RunConfig, lowrank: LowRankConfig) -> Optional[dict[str, Any]]:
     """Run the job; returns the summary where this process can see it (rank 0 or single process)."""
-    from dist_lowrank.train.loop import train
-
     if _in_launched_job():
         summary = _train_in_group(run, lowrank)
         return summary if int(os.environ["RANK"]) == 0 else None
     if run.world_size == 1 and run.backend == "local":
-        return train(run, lowrank)
-    try:
-        mp.spawn(_worker, args=(run.world_size, _free_port(), run, lowrank), nprocs=run.world_size, join=True)
-    except mp.ProcessExitedException as exc:
-        raise DistLowRankError(f"rank {exc.error_index} exited with code {exc.exit_code} (its error is above)") from None
-    import json
-    from pathlib import Path
+        from dist_lowrank.train.loop import train
 
+        return train(run, lowrank)
+    _spawn_ranks(run.world_size, (_free_port(), run, lowrank))
     summary_path = Path(run.out_dir) / "summary.json"
     return json.loads(summary_path.read_text()) if summary_path.exists() else None
+
+
+def _spawn_ranks(world: int, args: tuple) -> None:
+    """Start `world` fresh interpreters (spawn: no inherited threads or device state) running `_worker`;
+    the first rank that exits non-zero stops the others and is reported in one line, as torch's mp.spawn
+    does, without importing torch in this parent."""
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker, args=(rank, world) + args, name=f"rank{rank}") for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    failed: Optional[tuple[int, int]] = None
+    try:
+        running = list(procs)
+        while running and failed is None:
+            wait([p.sentinel for p in running])
+            for proc in [p for p in running if p.exitcode is not None]:
+                running.remove(proc)
+                if proc.exitcode != 0 and failed is None:
+                    failed = (procs.index(proc), proc.exitcode)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+    if failed is not None:
+        raise DistLowRankError(f"rank {failed[0]} exited with code {failed[1]} (its error is above)")

@@ -17,10 +17,10 @@ from tests.distributed.ckpt_common import BACKENDS, EXPORT, checkpoint, cli, exp
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
 
 
-# Resume points per backend: before the switch (4) and right after it (8) on DDP and ZeRO-3. FSDP2 and ZeRO-2
-# resume here at 8; their resume at 4 is the torchrun-restart tests' (test_faults.py: the killed or failed
-# attempt restarts from the step-4 checkpoint and must match the uninterrupted run bit for bit).
-RESUME_POINTS = {"ddp": (4, 8), "fsdp2": (8,), "zero2": (8,), "zero3": (4, 8)}
+# Resume points per backend: right after the switch (8) on every engine, before it (4) on ZeRO-3. DDP, FSDP2
+# and ZeRO-2 resume at 4 in the torchrun-restart tests (test_faults.py: the killed or failed attempt restarts
+# from the step-4 checkpoint and must match the uninterrupted run bit for bit).
+RESUME_POINTS = {"ddp": (8,), "fsdp2": (8,), "zero2": (8,), "zero3": (4, 8)}
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))

@@ -6,7 +6,7 @@ summed). Golub–Kahan–Lanczos with full reorthogonalization reaches <1% srank
 random weights, where plain power iteration needs far more (DESIGN.md §3).
 
 Every rank must get bit-identical answers from identical inputs, so the start vector comes from a
-fixed-seed generator (never the global RNG) and layers that finish early keep receiving zero vectors.
+generator seeded by `seed` (never the global RNG) and layers that finish early keep receiving zero vectors.
 The loop ends early only when every layer has converged (σ_max moved less than `rtol` relative in the
 last step) and the optional `agree(settled)` hook says stop: a distributed caller answers with a decision
 all ranks share (the monitor's lags one step: the votes ride on the next step's all-reduce), so the call
@@ -32,16 +32,18 @@ TOL_FACTOR = 1000.0
 MIN_STEPS_BEFORE_STOP = 4
 
 
-def start_vector(n: int, dtype: torch.dtype = torch.float64, device: Device = None) -> torch.Tensor:
-    """The same unit n-vector on every process: normal entries from a fixed-seed CPU generator."""
-    gen = torch.Generator(device="cpu").manual_seed(_SEED + n)
+def start_vector(n: int, dtype: torch.dtype = torch.float64, device: Device = None, seed: int = 0) -> torch.Tensor:
+    """The same unit n-vector on every process: normal entries from a CPU generator seeded by `seed`
+    (the plugin's `lowrank.seed`) and n; never the global RNG."""
+    gen = torch.Generator(device="cpu").manual_seed(_SEED + n + 1_000_003 * int(seed))
     v = torch.randn(n, generator=gen, dtype=torch.float64)
     return (v / v.norm()).to(dtype=dtype, device=device)
 
 
 def sigma_max_batched(apply_a: Operator, apply_at: Operator, dims: list[tuple[int, int]], method: str = "lanczos",
                       steps: int = 20, dtype: torch.dtype = torch.float64, device: Device = None,
-                      rtol: float = 0.0, agree: Optional[Callable[[bool], bool]] = None) -> list[float]:
+                      rtol: float = 0.0, agree: Optional[Callable[[bool], bool]] = None,
+                      seed: int = 0) -> list[float]:
     """Largest singular value of each operator A_i (m_i × n_i), in the order of `dims`.
 
     `apply_a([v_i]) -> [A_i v_i]` and `apply_at([u_i]) -> [A_iᵀ u_i]` are called once per step with one
@@ -55,7 +57,7 @@ def sigma_max_batched(apply_a: Operator, apply_at: Operator, dims: list[tuple[in
     if any(m < 1 or n < 1 for m, n in dims):
         raise ValueError(f"dims: got {dims}; allowed: (m, n) pairs with m, n >= 1")
     device = torch.device("cpu") if device is None else torch.device(device)
-    layers = [_Layer(m, n, steps, dtype, device) for m, n in dims]
+    layers = [_Layer(m, n, steps, dtype, device, seed) for m, n in dims]
     for step in range(steps):
         outs = _vectors(apply_a([x.right_input() for x in layers]), [m for m, _ in dims], "apply_a", dtype, device)
         for layer, out in zip(layers, outs):
@@ -119,9 +121,9 @@ class _Basis:
 class _KrylovState:
     """What every layer's Krylov run keeps: the current right vector, α/β, liveness, scale, σ history."""
 
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
         self.n = n
-        self.v = start_vector(n, dtype, device)
+        self.v = start_vector(n, dtype, device, seed)
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.alive = True
@@ -138,8 +140,8 @@ class _Layer(_KrylovState):
     the Rayleigh quotient ‖A v‖).
     """
 
-    def __init__(self, m: int, n: int, steps: int, dtype: torch.dtype, device: torch.device) -> None:
-        _KrylovState.__init__(self, n, dtype, device)
+    def __init__(self, m: int, n: int, steps: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+        _KrylovState.__init__(self, n, dtype, device, seed)
         self.m = m
         self.u: Optional[torch.Tensor] = None
         self.u_basis = _Basis(min(steps, m), m, dtype, device)
@@ -243,7 +245,7 @@ class _Layer(_KrylovState):
 
 def sigma_max_gram(apply_g: Operator, ns: list[int], method: str = "lanczos", steps: int = 20,
                    dtype: torch.dtype = torch.float64, device: Device = None, rtol: float = 0.0,
-                   agree: Optional[Callable[[bool], bool]] = None) -> list[float]:
+                   agree: Optional[Callable[[bool], bool]] = None, seed: int = 0) -> list[float]:
     """σ_max of each A_i from its Gram operator: `apply_g([v_i]) -> [A_iᵀ A_i v_i]` (n_i-vectors).
 
     Symmetric Lanczos (full reorthogonalization) on AᵀA spans the same Krylov space as `steps` steps
@@ -257,7 +259,7 @@ def sigma_max_gram(apply_g: Operator, ns: list[int], method: str = "lanczos", st
     if any(n < 1 for n in ns):
         raise ValueError(f"ns: got {ns}; allowed: sizes >= 1")
     device = torch.device("cpu") if device is None else torch.device(device)
-    layers = [_GramLayer(n, steps, dtype, device) for n in ns]
+    layers = [_GramLayer(n, steps, dtype, device, seed) for n in ns]
     for step in range(steps):
         outs = _vectors(apply_g([x.input() for x in layers]), ns, "apply_g", dtype, device)
         for layer, out in zip(layers, outs):
@@ -293,8 +295,8 @@ def _gram_settled(layers: list["_GramLayer"], method: str, rtol: float) -> bool:
 class _GramLayer(_KrylovState):
     """Lanczos on G = AᵀA: G V_k = V_k T_k + β_k v_{k+1} e_kᵀ (T tridiagonal: α diagonal, β beside)."""
 
-    def __init__(self, n: int, steps: int, dtype: torch.dtype, device: torch.device) -> None:
-        _KrylovState.__init__(self, n, dtype, device)
+    def __init__(self, n: int, steps: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+        _KrylovState.__init__(self, n, dtype, device, seed)
         self.basis = _Basis(min(steps, n), n, dtype, device)
         self.t = torch.zeros(steps, steps, dtype=torch.float64)  # T_k in its top-left k × k block
         self.power_lambda = 0.0

@@ -44,9 +44,11 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return w.to(torch.float64)
 
 
-def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20, rtol: float = 0.0) -> SrankResult:
+def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20, rtol: float = 0.0,
+                seed: int = 0) -> SrankResult:
     """Stable rank of one weight; `method` is "exact" (SVD), "lanczos" or "power" (at most `steps`
-    iterations, fewer once σ_max moves less than `rtol` relative per step; 0 = always `steps`).
+    iterations, fewer once σ_max moves less than `rtol` relative per step; 0 = always `steps`; Krylov start vector
+    from `seed`).
 
     The matrix is scaled by its largest |entry| first: srank is scale-invariant, and this keeps
     ‖W‖_F² from overflowing or underflowing (fro_sq and sigma_max are reported unscaled).
@@ -67,6 +69,6 @@ def stable_rank(weight: torch.Tensor, method: str = "exact", steps: int = 20, rt
         # Lanczos on the smaller Gram matrix (xᵀx or x xᵀ): same σ_max, one orthogonalization per step.
         g = x if x.shape[1] <= x.shape[0] else x.T
         sigma_unit = sigma_max_gram(lambda vs: [g.T @ (g @ vs[0])], [g.shape[1]], method=method, steps=steps,
-                                    device=x.device, rtol=rtol)[0]
+                                    device=x.device, rtol=rtol, seed=seed)[0]
     value = fro_unit / (sigma_unit * sigma_unit) if sigma_unit > 0.0 else math.inf
     return SrankResult(value, fro_unit * peak * peak, sigma_unit * peak, "ok")

@@ -11,8 +11,17 @@ from dist_lowrank.controller import LowRankController
 
 def attach(backend: Backend, config: Union[LowRankConfig, dict, str, Path],
            steps_per_epoch: Optional[int] = None) -> LowRankController:
-    """Validate the `lowrank` config, build the controller, take the init measurement (collective)."""
+    """Validate the `lowrank` config, build the controller, take the init measurement (collective).
+
+    With a `lowrank.logging` section, `controller.after_step(step, loss)` also writes the CLI's telemetry
+    (events.jsonl, TensorBoard, report at `controller.close()` or at exit); call attach before the first
+    backward (DDP's gradient all-reduces are counted through a comm hook registered here)."""
+    from dist_lowrank.telemetry.library import library_telemetry
+
     cfg = config if isinstance(config, LowRankConfig) else load_config(config)
-    controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch)
+    telemetry = library_telemetry(backend, cfg, source="attach")
+    controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
     controller.start()
+    if telemetry is not None:
+        telemetry.ready()  # the init estimate is not training traffic
     return controller

@@ -33,7 +33,8 @@ class MonitorConfig:
         "estimate every N epochs instead (needs steps_per_epoch); null = use cadence_steps", check=gt(0), default=None
     )
     method: Literal["lanczos", "power", "exact"] = _help(
-        "sigma_max estimator: Golub-Kahan-Lanczos (default), power iteration, or exact SVD",
+        "sigma_max estimator: Golub-Kahan-Lanczos (default), power iteration, or exact SVD (replicated weights "
+        "only: DDP, ZeRO-1/2, one process; refused on FSDP2 / ZeRO-3 shards, which are never gathered)",
         default="lanczos",
     )
     steps: int = _help("Krylov / power iterations per estimate (>= 1); Lanczos: 30 keeps the worst error on "
@@ -93,9 +94,6 @@ class SwitchConfig:
     profile_layers: bool = _help("time each candidate dense vs factorized; keep dense where not faster", default=True)
     profile_iters: int = _help("forward+backward passes per candidate when profiling (>= 1)", check=ge(1), default=3)
     min_speedup: float = _help("factorize only if dense_time / factorized_time >= this (> 0)", check=gt(0), default=1.0)
-    factor_moments: Literal["zero"] = _help(
-        "optimizer moments of new factors: zero (old moments belong to another parameterization)", default="zero"
-    )
     barrier_timeout_s: float = _help(
         "every rank must reach a reshard within this many seconds of the first; else the straggling ranks are "
         "named in an error on every rank (> 0)", check=gt(0), default=600.0)
@@ -103,10 +101,19 @@ class SwitchConfig:
 
 @dataclass
 class LoggingConfig:
-    """Where the run's logs go."""
+    """Telemetry of a library run (`deepspeed_api.initialize`, `attach`): the same records as the CLI's."""
 
-    tensorboard_dir: Optional[str] = _help("TensorBoard event directory (null = no TensorBoard)", default=None)
-    log_every: int = _help("log scalars every N optimizer steps (>= 1)", check=ge(1), default=10)
+    out_dir: Optional[str] = _help(
+        "run directory: events.jsonl, summary.json and the report (`dist-lowrank report DIR`), TensorBoard "
+        "under DIR/tb; null = no run log", default=None)
+    tensorboard_dir: Optional[str] = _help(
+        "TensorBoard event directory (null = out_dir/tb; with out_dir null too: no TensorBoard)", default=None)
+    log_every: int = _help("log a window of steps every N optimizer steps (>= 1)", check=ge(1), default=10)
+    samples_per_step: Optional[int] = _help(
+        "samples per optimizer step over all ranks, for samples/s (null = DeepSpeed's train_batch_size; attach: "
+        "no samples/s)", check=ge(1), default=None)
+    tokens_per_sample: Optional[int] = _help("tokens per sample, for tokens/s (null = no tokens/s)", check=ge(1),
+                                             default=None)
 
 
 @dataclass
@@ -123,7 +130,8 @@ class LowRankConfig:
     )
     exclude_modules: Union[list[str], str, None] = _help("layers never to factorize (same matching rules)", default=None)
     min_rank: int = _help("no layer gets a rank below this (>= 1)", check=ge(1), default=1)
-    seed: int = _help("seed for every random choice the plugin makes", default=0)
+    seed: int = _help("seed for every random choice the plugin makes (Krylov start vectors, InRank factor init "
+                      "and growth, the stand-in weights and inputs of layer timing)", default=0)
     monitor: MonitorConfig = _help("stable-rank monitor", default_factory=MonitorConfig)
     cuttlefish: CuttlefishConfig = _help("Cuttlefish strategy", default_factory=CuttlefishConfig)
     inrank: InRankConfig = _help("InRank strategy", default_factory=InRankConfig)
@@ -141,8 +149,22 @@ EXTRA_RULES = {
 }
 
 
+# Keys that existed once: a config that still sets one is refused with the reason (not just "unknown key").
+REMOVED_KEYS = {
+    ("switch", "factor_moments"): "removed: it had one value; new factors' optimizer moments always start at zero "
+                                  "(old moments belong to another parameterization); delete the key",
+}
+
+
+def _refuse_removed(data: Any, path: str) -> None:
+    for (section, key), why in REMOVED_KEYS.items():
+        if isinstance(data, Mapping) and isinstance(data.get(section), Mapping) and key in data[section]:
+            raise ConfigError(f"{path}.{section}.{key}: {why}")
+
+
 def config_from_dict(data: Any, path: str = "lowrank") -> LowRankConfig:
     """The `lowrank` section from a mapping; unknown keys, wrong types, bad ranges → ConfigError."""
+    _refuse_removed(data, path)
     cfg = dataclass_from_dict(LowRankConfig, data, path)
     targets = cfg.target_modules
     if targets == "" or targets == []:

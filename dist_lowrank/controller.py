@@ -37,11 +37,13 @@ class LowRankController:
 
     def __init__(self, backend: Backend, cfg: LowRankConfig, steps_per_epoch: Optional[int] = None,
                  on_event: Optional[Callable[[dict[str, Any]], None]] = None,
-                 resume_state: Optional[dict[str, Any]] = None) -> None:
+                 resume_state: Optional[dict[str, Any]] = None, telemetry: Optional[Any] = None) -> None:
         """resume_state: a checkpoint's `state_dict()`; after a finished strategy (e.g. past the switch) the
-        targets are factorized already, so nothing is selected and only the ranks are restored."""
+        targets are factorized already, so nothing is selected and only the ranks are restored.
+        telemetry: a telemetry.session.RunTelemetry that `after_step` feeds and that logs every event."""
         self.backend, self.cfg = backend, cfg
         self.on_event = on_event or (lambda event: None)
+        self.telemetry = telemetry
         model = backend.unwrapped_model()
         self.inrank = cfg.strategy == "inrank"
         self.capacities: dict[str, int] = {}
@@ -61,7 +63,7 @@ class LowRankController:
             self.dims = {v.name: tuple(v.dims) for v in backend.shard_views(list(self.modules))}
         self.names = list(self.modules)
         self.strategy = None if finished else build_strategy(cfg, self.dims)
-        self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps, rtol=cfg.monitor.rtol)
+        self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps, rtol=cfg.monitor.rtol, seed=cfg.seed)
         self.coordinator = Coordinator()
         self.cadence = self._cadence_steps(cfg, steps_per_epoch)
         self.input_shapes: dict[str, tuple[int, ...]] = {}
@@ -109,7 +111,16 @@ class LowRankController:
             self.strategy.observe(0, self.estimate(0))
 
     def after_step(self, step: int, loss: float) -> Optional[Plan]:
-        """Call after each optimizer step (all ranks). Returns the plan carried out, if any."""
+        """Call after each optimizer step (all ranks). Returns the plan carried out, if any. With telemetry,
+        the step's traffic and time are recorded first and the controller's own work is not counted."""
+        if self.telemetry is None:
+            return self._after_step(step, loss)
+        self.telemetry.end_step(step, loss)
+        plan = self._after_step(step, loss)
+        self.telemetry.after_controller(step, plan)
+        return plan
+
+    def _after_step(self, step: int, loss: float) -> Optional[Plan]:
         if not self.active:
             return None
         finite = self.coordinator.all_true(loss is not None and math.isfinite(float(loss)))
@@ -179,7 +190,7 @@ class LowRankController:
         if plan.kind == "switch" and self.cfg.switch.profile_layers and plan.ranks:
             plan, timing = keep_dense_where_not_faster(
                 plan, self.modules, self.input_shapes, self.cfg.switch.profile_iters, self.cfg.switch.min_speedup,
-                default_device())
+                default_device(), seed=self.cfg.seed)
             plan = self.coordinator.agree(plan)
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)
@@ -205,6 +216,13 @@ class LowRankController:
     def _emit(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         self.on_event(event)
+        if self.telemetry is not None:
+            self.telemetry.log(event)
+
+    def close(self) -> Optional[dict[str, Any]]:
+        """With telemetry (all ranks together): log the last partial window, write the summary and the report;
+        returns the summary. Optional: without it they are written at exit, the partial window left out."""
+        return self.telemetry.close() if self.telemetry is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to make the same decisions (strategy state, ranks, counters)."""

@@ -51,9 +51,10 @@ def _optimizer_factory(optimizer: Any) -> Optional[Callable[[Iterable[nn.Paramet
 class LowRankDeepSpeedEngine:
     """Forwards to the current DeepSpeed engine and runs the controller at each optimizer step."""
 
-    def __init__(self, backend: Any, controller: Any) -> None:
+    def __init__(self, backend: Any, controller: Any, telemetry: Any = None) -> None:
         self._backend = backend
         self._controller = controller
+        self._telemetry = telemetry  # lowrank.logging without a strategy: the proxy feeds it itself
         self._last_loss: float = float("nan")
 
     @property
@@ -83,11 +84,21 @@ class LowRankDeepSpeedEngine:
         boundary = engine.is_gradient_accumulation_boundary()
         skipped_before = getattr(engine, "skipped_steps", 0)
         result = engine.step(*args, **kwargs)
-        if boundary and self._controller is not None:
+        if boundary and (self._controller is not None or self._telemetry is not None):
             overflow = getattr(engine, "skipped_steps", 0) != skipped_before
             loss = float("nan") if overflow else self._last_loss
-            self._controller.after_step(int(engine.global_steps), loss if math.isfinite(loss) else float("nan"))
+            loss = loss if math.isfinite(loss) else float("nan")
+            if self._controller is not None:  # with lowrank.logging it also records the step's telemetry
+                self._controller.after_step(int(engine.global_steps), loss)
+            else:
+                self._telemetry.end_step(int(engine.global_steps), loss)
+                self._telemetry.after_controller(int(engine.global_steps), None)
         return result
+
+    def close(self) -> Optional[dict]:
+        """lowrank.logging (all ranks together): log the last partial window, write the summary and the report
+        (optional: at exit otherwise, without the partial window). Returns the summary."""
+        return self._telemetry.close() if self._telemetry is not None else None
 
     def __getattr__(self, name: str):
         return getattr(self._backend.engine, name)
@@ -104,6 +115,8 @@ def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict,
     """
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
     from dist_lowrank.controller import LowRankController
+    from dist_lowrank.telemetry.comm import CommCounter
+    from dist_lowrank.telemetry.library import library_telemetry, wanted as telemetry_wanted
 
     if isinstance(config, str):
         with open(config) as fh:
@@ -111,12 +124,17 @@ def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict,
     config = dict(config or {})
     lowrank: LowRankConfig = from_ds_config(config)
     ds_config = {k: v for k, v in config.items() if k != "lowrank"}
+    counter = CommCounter().install() if telemetry_wanted(lowrank) else None  # before DeepSpeed's comm backend
     backend = DeepSpeedBackend(model, ds_config, _optimizer_factory(optimizer),
                                scheduler_factory=lr_scheduler if callable(lr_scheduler) else None,
                                model_fn=model_fn, **kwargs)
+    telemetry = library_telemetry(backend, lowrank, "deepspeed_api.initialize", counter=counter,
+                                  samples_per_step=int(backend.engine.train_batch_size()))
     controller = None
     if lowrank.strategy != "none":
-        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch)
+        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
         controller.start()
-    engine = LowRankDeepSpeedEngine(backend, controller)
+    if telemetry is not None:
+        telemetry.ready()  # engine set-up and the init estimate are not training traffic
+    engine = LowRankDeepSpeedEngine(backend, controller, telemetry)
     return engine, engine.engine.optimizer, getattr(backend, "dataloader", None), engine.engine.lr_scheduler

@@ -26,8 +26,13 @@ def to_inrank(model: nn.Module, cfg: LowRankConfig) -> nn.Module:
         capacity = initial_capacity(cfg.inrank, m, n)
         rank = min(trained_width(cfg.inrank, cfg.inrank.init_rank, m, n), capacity)  # r + buffer columns
         replace_module(model, name, InRankLinear.from_dense(module, rank, capacity, cfg.inrank.w0_mode,
-                                                            seed=cfg.seed + index))
+                                                            seed=layer_seed(cfg.seed, index)))
     return model
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """The init seed of the index-th InRank layer: distinct per layer and per `lowrank.seed`."""
+    return int(seed) * 1_000_003 + index
 
 
 def inrank_layers(model: nn.Module) -> dict[str, InRankLinear]:

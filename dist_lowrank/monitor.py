@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dist_lowrank.device import comm_device
+from dist_lowrank.errors import ConfigError
 from dist_lowrank.linalg import SrankResult, sigma_max_batched, sigma_max_gram, stable_rank
 from dist_lowrank.shard_view import ShardView, row_runs
 
@@ -48,7 +49,7 @@ class _LocalPiece:
                        for _, col, start, count in self.runs if col < 0]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.m, dtype=v.dtype)
+        out = torch.zeros(self.m, dtype=v.dtype, device=v.device)
         for row, col, start, count in self.runs:
             if col < 0:
                 block = self.values[start: start + count * self.n].view(count, self.n)
@@ -66,13 +67,13 @@ class _LocalPiece:
         """W_rᵀ (W_r v) for a piece of whole rows: this rank's share of WᵀW v."""
         if len(self.blocks) == 1:
             return self.blocks[0].T @ (self.blocks[0] @ v)
-        out = torch.zeros(self.n, dtype=v.dtype)
+        out = torch.zeros(self.n, dtype=v.dtype, device=v.device)
         for block in self.blocks:
             out += block.T @ (block @ v)
         return out
 
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.n, dtype=u.dtype)
+        out = torch.zeros(self.n, dtype=u.dtype, device=u.device)
         for row, col, start, count in self.runs:
             if col < 0:
                 block = self.values[start: start + count * self.n].view(count, self.n)
@@ -95,12 +96,13 @@ class RankMonitor:
     """Estimate stable ranks of many layers at once, identically on every rank."""
 
     def __init__(self, method: str = "lanczos", steps: int = 20, group: Optional[dist.ProcessGroup] = None,
-                 rtol: float = 0.0) -> None:
+                 rtol: float = 0.0, seed: int = 0) -> None:
+        """seed: the Krylov start vectors' seed (the plugin's `lowrank.seed`)."""
         if method not in ("lanczos", "power", "exact"):
             raise ValueError(f"monitor.method: got {method!r}; allowed: lanczos, power, exact")
         if not 0.0 <= rtol < 1.0:
             raise ValueError(f"monitor.rtol: got {rtol!r}; allowed: a number in [0, 1)")
-        self.method, self.steps, self.group, self.rtol = method, steps, group, rtol
+        self.method, self.steps, self.group, self.rtol, self.seed = method, steps, group, rtol, int(seed)
         self._vote, self._agreed = 0.0, False
         self.stats = MonitorStats()
 
@@ -147,7 +149,7 @@ class RankMonitor:
             if owners[i] != me:
                 continue
             matrix = view.local_flat.detach().reshape(view.dims)
-            res = stable_rank(matrix, method=self.method, steps=self.steps, rtol=self.rtol)
+            res = stable_rank(matrix, method=self.method, steps=self.steps, rtol=self.rtol, seed=self.seed)
             table[i] = torch.tensor([res.value, res.fro_sq, res.sigma_max, _STATUS_CODES[res.status]])
         table = torch.nan_to_num(table, nan=0.0) if world > 1 else table
         table = self._all_reduce(table)
@@ -156,10 +158,15 @@ class RankMonitor:
     def _estimate_sharded(self, views: list[ShardView]) -> dict[str, SrankResult]:
         if not views:
             return {}
+        if self.method == "exact":  # every rank holds the same views: every rank raises this same line
+            raise ConfigError("lowrank.monitor.method: 'exact' needs whole weights, and these layers are sharded "
+                              f"({', '.join(v.name for v in views[:3])}{', ...' if len(views) > 3 else ''}; "
+                              "FSDP2 row shards / ZeRO-3 partitions are never gathered); allowed there: lanczos, power")
         dtype = torch.float64
         pieces = [_LocalPiece(v, dtype) for v in views]
+        device = pieces[0].values.device  # Krylov vectors live with the shards they multiply (CUDA under NCCL)
         # One all-reduce: squared norms, non-finite counts and cut-row counts of every layer.
-        local = torch.zeros(3 * len(views), dtype=dtype)
+        local = torch.zeros(3 * len(views), dtype=dtype, device=device)
         for i, piece in enumerate(pieces):
             finite = bool(torch.isfinite(piece.values).all())
             local[3 * i] = piece.values.square().sum() if finite else 0.0
@@ -171,7 +178,7 @@ class RankMonitor:
         active = [i for i in range(len(views)) if not bad[i] and fro[i] > 0.0]
         rows = [i for i in active if float(reduced[3 * i + 2]) == 0.0]  # no rank cuts a row
         cut = [i for i in active if float(reduced[3 * i + 2]) > 0.0]
-        method = "lanczos" if self.method == "exact" else self.method
+        method = self.method
         sigmas = {**self._sigmas_gram(pieces, views, rows, method), **self._sigmas_gkl(pieces, views, cut, method)}
         out: dict[str, SrankResult] = {}
         for i, view in enumerate(views):
@@ -189,7 +196,8 @@ class RankMonitor:
         collective early-stop decision costs no collective of its own (it lags one step)."""
         if self.rtol <= 0.0:
             return self._all_reduce(torch.cat(parts))
-        reduced = self._all_reduce(torch.cat(parts + [torch.tensor([self._vote], dtype=parts[0].dtype)]))
+        vote = torch.tensor([self._vote], dtype=parts[0].dtype, device=parts[0].device)
+        reduced = self._all_reduce(torch.cat(parts + [vote]))
         world = dist.get_world_size(self.group) if _distributed() else 1
         self._agreed = float(reduced[-1]) >= world
         return reduced[:-1]
@@ -216,7 +224,8 @@ class RankMonitor:
             return self._split(self._with_vote(parts), ns)
 
         self._reset_votes()
-        values = sigma_max_gram(apply_g, ns, method=method, steps=self.steps, rtol=self.rtol, agree=self._agree)
+        values = sigma_max_gram(apply_g, ns, method=method, steps=self.steps, rtol=self.rtol, agree=self._agree,
+                                seed=self.seed, device=pieces[chosen[0]].values.device)
         return dict(zip(chosen, values))
 
     def _sigmas_gkl(self, pieces: list[_LocalPiece], views: list[ShardView], chosen: list[int],
@@ -237,7 +246,7 @@ class RankMonitor:
 
         self._reset_votes()
         values = sigma_max_batched(apply_a, apply_at, dims, method=method, steps=self.steps, rtol=self.rtol,
-                                   agree=self._agree)
+                                   agree=self._agree, seed=self.seed, device=pieces[chosen[0]].values.device)
         return dict(zip(chosen, values))
 
     @staticmethod

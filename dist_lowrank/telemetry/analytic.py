@@ -11,6 +11,10 @@ all-reduce (see telemetry.comm). Per optimizer step with fp32 parameters/gradien
   in the backward for whatever DeepSpeed's parameter trace released in between (so g ∈ [1, 2] gathers per
   step; on the small test models here usually 1) — and a reduce-scatter of the gradients:
   (g+1)(p−1)/p · b·Σ pad(N).
+Frozen parameters (requires_grad False, e.g. InRank's W0) have no gradient, so they add nothing to
+all-reduces and reduce-scatters; but FSDP2 and ZeRO-3 shard them like the rest and all-gather them for
+the forward (and FSDP2 again for the backward, which needs them for the input gradient): their padded
+sizes join the all-gather terms there. DDP and ZeRO-1/2 keep them replicated and never send them.
 The comm test checks the measured counter against these within 2%; tools/comm_at_scale.py uses them for
 model shapes and world sizes that cannot run here.
 """
@@ -25,9 +29,11 @@ def _ceil_to(value: int, multiple: int) -> int:
 
 
 def expected_step_bytes(backend: str, shapes: Iterable[tuple[int, ...]], world: int, bytes_per_elem: int = 4,
-                        zero3_gathers: int = 1) -> dict[str, float]:
-    """{op: bytes this rank sends per optimizer step} for trainable parameters of the given shapes."""
+                        zero3_gathers: int = 1, frozen_shapes: Iterable[tuple[int, ...]] = ()) -> dict[str, float]:
+    """{op: bytes this rank sends per optimizer step} for trainable parameters of `shapes` beside frozen
+    parameters of `frozen_shapes`."""
     shapes = [tuple(s) for s in shapes]
+    frozen = [tuple(s) for s in frozen_shapes]
     p, b = world, bytes_per_elem
     if p <= 1:
         return {}
@@ -38,12 +44,14 @@ def expected_step_bytes(backend: str, shapes: Iterable[tuple[int, ...]], world: 
         return {"all_reduce": 2 * frac * b * total}
     if backend == "fsdp2":
         padded = sum(_ceil_to(s[0], p) * math.prod(s[1:]) for s in shapes)
-        return {"all_gather": 2 * frac * b * padded, "reduce_scatter": frac * b * padded}
+        gathered = padded + sum(_ceil_to(s[0], p) * math.prod(s[1:]) for s in frozen)
+        return {"all_gather": 2 * frac * b * gathered, "reduce_scatter": frac * b * padded}
     if backend in ("zero1", "zero2"):
         return {"all_reduce": 2 * frac * b * total, "all_gather": frac * b * _ceil_to(total, p)}
     if backend == "zero3":
         padded = sum(_ceil_to(n, p) for n in numels)
-        return {"all_gather": zero3_gathers * frac * b * padded, "reduce_scatter": frac * b * padded}
+        gathered = padded + sum(_ceil_to(math.prod(s), p) for s in frozen)
+        return {"all_gather": zero3_gathers * frac * b * gathered, "reduce_scatter": frac * b * padded}
     raise ValueError(f"backend: got {backend!r}; allowed: ddp, fsdp2, zero1, zero2, zero3")
 
 

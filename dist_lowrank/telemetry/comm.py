@@ -11,6 +11,7 @@ all-reduces through a DDP communication hook.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
@@ -100,12 +101,14 @@ class CommCounter:
 
             wrapper.__wrapped__ = original
             setattr(dist, op, wrapper)
+        _rebind_deepspeed()
         return self
 
     def uninstall(self) -> None:
         for op, original in self._originals.items():
             setattr(dist, op, original)
         self._originals.clear()
+        _rebind_deepspeed()
 
     def ddp_hook(self) -> Callable:
         """A DDP comm hook equal to the default (all-reduce, then divide by world size), counted."""
@@ -121,6 +124,18 @@ class CommCounter:
         hook.__annotations__ = {"state": object, "bucket": dist.GradBucket,
                                 "return": torch.futures.Future[torch.Tensor]}
         return hook
+
+
+def _rebind_deepspeed() -> None:
+    """DeepSpeed's torch comm backend, once made (deepspeed.init_distributed), holds its own references to
+    all_gather_into_tensor and reduce_scatter_tensor: have it look them up again (ours, or the originals),
+    so a counter installed after the user initialized DeepSpeed still sees ZeRO's gathers and scatters."""
+    comm = sys.modules.get("deepspeed.comm.comm")
+    cdb = getattr(comm, "cdb", None) if comm is not None else None
+    for attr, getter in (("all_gather_function", "get_all_gather_function"),
+                         ("reduce_scatter_function", "get_reduce_scatter_function")):
+        if cdb is not None and hasattr(cdb, attr) and hasattr(cdb, getter):
+            setattr(cdb, attr, getattr(cdb, getter)())
 
 
 @contextmanager

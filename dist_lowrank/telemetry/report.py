@@ -1,8 +1,10 @@
 """`dist-lowrank report RUN_DIR`: what a run saved, from its own logs, as Markdown, JSON and PNG plots.
 
-Every number comes from RUN_DIR/events.jsonl (written by rank 0 during training): parameter counts,
-measured communication per step (our counter) beside the analytic model, throughput medians per phase
-(the logged window that contains a switch is left out), the switch step and its cost, per-layer ranks.
+Every number comes from RUN_DIR/events.jsonl (written by rank 0 during training, by `dist-lowrank train`
+or by the library API's `lowrank.logging`): parameter counts (all and trainable), measured communication
+per step (our counter) beside the analytic model, throughput medians per phase (log windows end at every
+change of shapes; in older logs a window that contains one is left out), the switch step and its cost,
+per-layer ranks.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ def load_events(run_dir: str | Path) -> list[dict[str, Any]]:
         raise ReportError(f"{path}: not a directory")
     events_file = path / "events.jsonl"
     if not events_file.exists():
-        raise ReportError(f"{events_file}: missing — is {path} a `dist-lowrank train` run directory?")
+        raise ReportError(f"{events_file}: missing — is {path} a run directory (`dist-lowrank train` out_dir, "
+                          "or lowrank.logging.out_dir)?")
     events = []
     for number, line in enumerate(events_file.read_text().splitlines(), 1):
         if line.strip():
@@ -49,18 +52,22 @@ def build_report(events: list[dict[str, Any]]) -> dict[str, Any]:
     change_steps = [e["step"] for e in changes if e.get("ranks")]
     trains = [e for e in events if e["event"] == "train"]
     models = [e for e in events if e["event"] == "comm_model"]
-    log_every = next((e["run"]["log_every"] for e in events if e["event"] == "config"), 1)
+    config = next((e for e in events if e["event"] == "config"), {})
+    log_every = config.get("log_every") or (config.get("run") or {}).get("log_every", 1)
 
-    def clean(record: dict) -> bool:  # the logged window that contains a change is not steady state
-        return not any(record["step"] - log_every < s <= record["step"] for s in change_steps)
+    def clean(record: dict) -> bool:  # a window with a change strictly inside it is not steady state
+        steps = record.get("window_steps", log_every)
+        return not any(record["step"] - steps < s < record["step"] for s in change_steps)
 
     phases: dict[str, dict[str, Any]] = {}
     for record in trains:
         entry = phases.setdefault(record["phase"], {"samples_per_sec": [], "tokens_per_sec": [], "step_time": [],
-                                                    "comm": {}, "params": record["params"]})
+                                                    "comm": {}, "params": record["params"],
+                                                    "trainable_params": record.get("trainable_params")})
         if clean(record):
             for key in ("samples_per_sec", "tokens_per_sec", "step_time"):
-                entry[key].append(record[key])
+                if record.get(key) is not None:
+                    entry[key].append(record[key])
             for op, value in record.get("comm_bytes_per_step", {}).items():
                 entry["comm"].setdefault(op, []).append(value)
     per_phase = {}
@@ -68,7 +75,7 @@ def build_report(events: list[dict[str, Any]]) -> dict[str, Any]:
         analytic = next((m["expected"] for m in models if m["phase"] == name), {})
         measured = {op: _median(v) for op, v in entry["comm"].items()}
         per_phase[name] = {
-            "params": entry["params"],
+            "params": entry["params"], "trainable_params": entry["trainable_params"],
             "samples_per_sec": _median(entry["samples_per_sec"]), "tokens_per_sec": _median(entry["tokens_per_sec"]),
             "step_time": _median(entry["step_time"]),
             "comm_bytes_per_step_measured": measured, "comm_bytes_per_step_analytic": analytic,
@@ -93,9 +100,11 @@ def build_report(events: list[dict[str, Any]]) -> dict[str, Any]:
 
     estimates = [e for e in events if e["event"] == "estimate"]
     return {
-        "summary": {k: summary[k] for k in ("task", "backend", "world_size", "strategy", "steps", "wall_seconds",
-                                             "switch_step", "params_full", "params_final", "final_eval")},
+        "summary": {k: summary.get(k) for k in ("task", "backend", "world_size", "strategy", "steps",
+                                                 "wall_seconds", "switch_step", "params_full", "params_final",
+                                                 "trainable_params_full", "trainable_params_final", "final_eval")},
         "compression": ratio(summary["params_full"], summary["params_final"]),
+        "trainable_compression": ratio(summary.get("trainable_params_full"), summary.get("trainable_params_final")),
         "phases": per_phase,
         "comm_full_over_low": ratio(full.get("comm_measured_total"), low.get("comm_measured_total")),
         "throughput_low_over_full": ratio(low.get("samples_per_sec"), full.get("samples_per_sec")),
@@ -118,18 +127,23 @@ def _fmt(value: Any, digits: int = 0) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
-    lines = [f"# dist-lowrank report — {s['task']} on {s['backend']} × {s['world_size']}, strategy {s['strategy']}", "",
+    lines = [f"# dist-lowrank report — {s['task'] or 'user script'} on {s['backend']} × {s['world_size']}, "
+             f"strategy {s['strategy']}", "",
              f"- steps {s['steps']}, wall {s['wall_seconds']:.1f} s, switch at step {_fmt(s['switch_step'])}",
-             f"- parameters {_fmt(s['params_full'])} → {_fmt(s['params_final'])} "
-             f"({_fmt(report['compression'], 2)}× smaller)",
-             "- final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in s["final_eval"].items() if k != "step"),
+             f"- trainable parameters {_fmt(s['trainable_params_full'])} → {_fmt(s['trainable_params_final'])} "
+             f"({_fmt(report['trainable_compression'], 2)}× fewer)",
+             f"- all parameters, frozen ones included {_fmt(s['params_full'])} → {_fmt(s['params_final'])} "
+             f"(full / final {_fmt(report['compression'], 2)}×)",
+             "- final evaluation: " + (", ".join(f"{k} {v:.4f}" for k, v in (s["final_eval"] or {}).items()
+                                                 if k != "step") or "–"),
              f"- communication per step, full / low rank: {_fmt(report['comm_full_over_low'], 2)}×; "
              f"throughput low / full: {_fmt(report['throughput_low_over_full'], 2)}×", "",
              "## Per phase (medians over steady-state log windows)", "",
-             "| phase | params | samples/s | tokens/s | step s | comm B/step measured | comm B/step analytic |",
-             "|---|---|---|---|---|---|---|"]
+             "| phase | params | trainable | samples/s | tokens/s | step s | comm B/step measured | comm B/step analytic |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, p in report["phases"].items():
-        lines.append(f"| {name} | {_fmt(p['params'])} | {_fmt(p['samples_per_sec'], 1)} | {_fmt(p['tokens_per_sec'], 1)} "
+        lines.append(f"| {name} | {_fmt(p['params'])} | {_fmt(p.get('trainable_params'))} "
+                     f"| {_fmt(p['samples_per_sec'], 1)} | {_fmt(p['tokens_per_sec'], 1)} "
                      f"| {_fmt(p['step_time'], 4)} | {_fmt(p['comm_measured_total'])} | {_fmt(p['comm_analytic_total'])} |")
     if report["layers"]:
         lines += ["", "## Layers at the switch", "", "| layer | shape | rank | params before | params after | why |",

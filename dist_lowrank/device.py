@@ -1,10 +1,19 @@
-"""Device and process-group backend chosen from the environment, never hard-coded."""
+"""Device and process-group backend chosen from the environment, never hard-coded.
+
+Every tensor the plugin creates is made on the device of the data it meets (`module_device`, or the
+tensor's own `.device`), and collectives run on `comm_device()` (CUDA tensors under NCCL). Each rank
+binds its CUDA device from LOCAL_RANK (`bind_local_device`) before a process group exists: NCCL's
+object collectives (broadcast_object_list, all_gather_object) use `torch.cuda.current_device()`, and
+without the bind every rank would put them on GPU 0.
+"""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def default_device() -> torch.device:
@@ -27,3 +36,33 @@ def comm_device() -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return default_device()
     return torch.device("cpu")
+
+
+def bind_local_device() -> torch.device:
+    """Make this rank's device (from LOCAL_RANK) the current CUDA device; call before the process group is
+    made. A no-op without CUDA. Returns the device."""
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: its first parameter's (or buffer's); the default device if it has none.
+    DTensor parameters (FSDP2) report the device of their local shard; ZeRO-3 placeholders theirs."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return default_device()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, or tuple / list / dict of them) moved to `device`; other values are left as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch

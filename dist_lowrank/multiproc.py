@@ -30,10 +30,15 @@ def _worker(fn: Callable, rank: int, world: int, port: int, env: dict, queue, ar
     import torch
     import torch.distributed as dist
 
+    from dist_lowrank.device import bind_local_device
+
     torch.set_num_threads(1)
     try:
         if env.get("DIST_HARNESS_NO_INIT") != "1":
-            dist.init_process_group("gloo", rank=rank, world_size=world)
+            # gloo unless the caller asks for another backend (the gpu tier: DIST_LOWRANK_DIST_BACKEND=nccl);
+            # this rank's GPU is bound from LOCAL_RANK before the group exists
+            bind_local_device()
+            dist.init_process_group(env.get("DIST_LOWRANK_DIST_BACKEND", "gloo"), rank=rank, world_size=world)
         result = fn(rank, world, *args)
         # Plain pickle (copies tensor data): torch's shared-memory handles die with the worker.
         queue.put((rank, "ok", pickle.dumps(result)))

@@ -41,7 +41,7 @@ def _local_gram(view: ShardView, k: int) -> tuple[torch.Tensor, list[tuple[int, 
     """Gram of the whole rows held here, plus the partial rows (row, first column, values)."""
     rows, cols = view.dims
     values = view.local_flat.detach().reshape(-1).double()
-    gram = torch.zeros(k, k, dtype=torch.float64)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=values.device)
     partial = []
     for row, col, start, count in row_runs(view.flat_offset, values.numel(), cols):
         if col < 0:
@@ -69,13 +69,14 @@ def gram_matrices(views: list[ShardView], active: list[int]) -> tuple[list[torch
     if not sharded:
         return grams, stats
     payload, layout = [], []
+    device = views[sharded[0]].local_flat.device  # Grams and boundary rows live with the shards (CUDA under NCCL)
     for i in sharded:
         view, k = views[i], active[i]
         cols = view.dims[1]
         gram, partial = _local_gram(view, k)
         if len(partial) > 2:
             raise RuntimeError(f"{view.name}: a contiguous shard has more than two partial rows")
-        boundary = torch.zeros(2 * world, cols + 1, dtype=torch.float64)  # last column: row index + 1
+        boundary = torch.zeros(2 * world, cols + 1, dtype=torch.float64, device=device)  # last column: row + 1
         for slot, (row, col, piece) in enumerate(partial):
             boundary[2 * me + slot, col: col + piece.numel()] = piece
             boundary[2 * me + slot, cols] = row + 1
@@ -85,7 +86,7 @@ def gram_matrices(views: list[ShardView], active: list[int]) -> tuple[list[torch
     dist.all_reduce(flat)
     stats.collectives += 1
     stats.bytes += flat.numel() * flat.element_size()
-    flat = flat.cpu()
+    flat = flat.to(device)
     offset = 0
     for i, k, cols in layout:
         gram = flat[offset: offset + k * k].view(k, k).clone()
@@ -93,10 +94,11 @@ def gram_matrices(views: list[ShardView], active: list[int]) -> tuple[list[torch
         boundary = flat[offset: offset + 2 * world * (cols + 1)].view(2 * world, cols + 1)
         offset += 2 * world * (cols + 1)
         whole: dict[int, torch.Tensor] = {}
+        row_ids = boundary[:, cols].tolist()  # one device-to-host copy for all slots
         for slot in range(2 * world):
-            row = int(boundary[slot, cols].item()) - 1
+            row = int(row_ids[slot]) - 1
             if row >= 0:
-                whole[row] = whole.get(row, torch.zeros(cols, dtype=torch.float64)) + boundary[slot, :cols]
+                whole[row] = whole.get(row, torch.zeros(cols, dtype=torch.float64, device=device)) + boundary[slot, :cols]
         for row_values in whole.values():
             piece = row_values[:k]
             gram += torch.outer(piece, piece)

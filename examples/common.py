@@ -43,7 +43,7 @@ def train(backend, controller, steps: int = 60, batch: int = 32) -> dict:
     batches = digits(rank, world, batch=batch)
     losses = []
     for step in range(1, steps + 1):
-        x, y = next(batches)
+        x, y = to_model_device(backend.model, *next(batches))  # data is made on the host; the model may be on a GPU
         loss = F.cross_entropy(backend.model(x), y)
         backend.backward(loss)
         backend.step()
@@ -54,11 +54,22 @@ def train(backend, controller, steps: int = 60, batch: int = 32) -> dict:
             "ranks": switch[0]["ranks"] if switch else {}}
 
 
+def to_model_device(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors moved to the device the model computes on (CUDA:LOCAL_RANK on GPUs)."""
+    from dist_lowrank.device import module_device, to_device
+
+    return to_device(tensors, module_device(model))
+
+
 def run_as_script(main) -> None:
-    """torchrun entry: join the process group (nccl on GPUs, gloo on CPU), run, report on rank 0."""
+    """torchrun entry: bind this rank's GPU (LOCAL_RANK) first, join the process group (nccl on GPUs, gloo on
+    CPU), run, report on rank 0."""
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from dist_lowrank.device import bind_local_device, default_dist_backend
+
+    bind_local_device()
+    dist.init_process_group(default_dist_backend())
     result = main()
     if dist.get_rank() == 0:
         print(f"switched at step {result['switch_step']} to ranks {result['ranks']}; "

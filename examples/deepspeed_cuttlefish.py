@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dist_lowrank.deepspeed_api as lowrank_ds
-from examples.common import LOWRANK, digits, mlp
+from examples.common import LOWRANK, digits, mlp, to_model_device
 
 
 def main(stage: int = 2, steps: int = 60, world: int | None = None, lowrank: dict | None = None) -> dict:
@@ -32,7 +32,7 @@ def main(stage: int = 2, steps: int = 60, world: int | None = None, lowrank: dic
     batches = digits(rank, world)
     losses = []
     for _ in range(steps):
-        x, y = next(batches)
+        x, y = to_model_device(engine, *next(batches))  # the engine's device (cuda:LOCAL_RANK on GPUs)
         loss = F.cross_entropy(engine(x), y)          # unchanged
         engine.backward(loss)                         # unchanged
         engine.step()                                 # unchanged: the switch happens in here

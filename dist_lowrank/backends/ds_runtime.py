@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from dist_lowrank.device import default_dist_backend
+from dist_lowrank.device import bind_local_device, default_dist_backend
 
 
 def prepare_deepspeed() -> None:
@@ -32,6 +32,7 @@ def init_deepspeed_distributed() -> None:
     import deepspeed
 
     if not (dist.is_available() and dist.is_initialized()):
+        bind_local_device()  # cuda:LOCAL_RANK before NCCL exists (DeepSpeed's own init does not set it first)
         deepspeed.init_distributed(dist_backend=default_dist_backend())
     else:
         deepspeed.init_distributed(dist_backend=dist.get_backend())

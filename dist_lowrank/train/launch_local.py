@@ -57,8 +57,9 @@ def init_process_group() -> None:
     connection refused) instead of meeting the new ones."""
     import torch.distributed as dist
 
-    from dist_lowrank.device import default_dist_backend
+    from dist_lowrank.device import bind_local_device, default_dist_backend
 
+    bind_local_device()  # cuda:LOCAL_RANK before NCCL exists (its object collectives use the current device)
     backend = default_dist_backend()
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:

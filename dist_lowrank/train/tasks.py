@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_lowrank.device import module_device, to_device
 from dist_lowrank.train.run_config import RunConfig
 
 
@@ -25,7 +26,7 @@ class Task:
 
 
 def _classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
+    x, y = to_device(batch, module_device(model))  # batches are made on the host; the model may be on a GPU
     return F.cross_entropy(model(x), y)
 
 
@@ -57,9 +58,10 @@ def fmnist_cnn(run: RunConfig) -> Task:
         was_training = model.training
         model.eval()
         correct, total, loss_sum = 0, 0, 0.0
+        device = module_device(model)
         for start in range(0, test_x.shape[0], 1000):
-            logits = model(test_x[start: start + 1000])
-            target = test_y[start: start + 1000]
+            logits = model(test_x[start: start + 1000].to(device))
+            target = test_y[start: start + 1000].to(device)
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
             correct += int((logits.argmax(1) == target).sum())
             total += target.numel()
@@ -109,15 +111,16 @@ def shakespeare_gpt(run: RunConfig) -> Task:
         was_training = model.training
         model.eval()
         total = 0.0
+        device = module_device(model)
         for start in range(0, eval_count, 16):
-            x, y = windows(val_ids, eval_starts[start:start + 16])
+            x, y = to_device(windows(val_ids, eval_starts[start:start + 16]), device)
             logits = model(x)
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
         model.train(was_training)
         return {"val_loss": total / (eval_count * t)}
 
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+        x, y = to_device(batch, module_device(model))
         logits = model(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 

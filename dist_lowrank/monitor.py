@@ -150,7 +150,8 @@ class RankMonitor:
                 continue
             matrix = view.local_flat.detach().reshape(view.dims)
             res = stable_rank(matrix, method=self.method, steps=self.steps, rtol=self.rtol, seed=self.seed)
-            table[i] = torch.tensor([res.value, res.fro_sq, res.sigma_max, _STATUS_CODES[res.status]])
+            table[i] = torch.tensor([res.value, res.fro_sq, res.sigma_max, _STATUS_CODES[res.status]],
+                                    dtype=torch.float64)  # a float32 row would cut every value to 7 digits
         table = torch.nan_to_num(table, nan=0.0) if world > 1 else table
         table = self._all_reduce(table)
         return {v.name: _result_from_row(table[i]) for i, v in enumerate(views)}

@@ -53,12 +53,24 @@ def _events(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", params=["zero2", "fsdp2"])
-def library_run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"tele_{request.param}")
-    worker = deepspeed_telemetry if request.param == "zero2" else fsdp2_telemetry
-    results = run_ranks(worker, args=(str(out),), timeout=240)
-    return request.param, out, results
+def _run(worker, name: str, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"tele_{name}")
+    return name, out, run_ranks(worker, args=(str(out),), timeout=240)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    return _run(deepspeed_telemetry, "zero2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    return _run(fsdp2_telemetry, "fsdp2", tmp_path_factory)
+
+
+@pytest.fixture(params=["zero2", "fsdp2"])
+def library_run(request):
+    return request.getfixturevalue(f"{request.param}_run")
 
 
 def test_library_run_writes_the_clis_tags_and_right_numbers(library_run):
@@ -142,3 +154,10 @@ def test_cli_inrank_on_fsdp2_counts_frozen_w0_and_every_growth_phase(tmp_path):
     for name, phase in report["phases"].items():
         assert phase["comm_measured_total"] > 0, name
         assert phase["comm_measured_total"] == pytest.approx(phase["comm_analytic_total"], rel=1e-3), name
+
+
+
+def test_exact_monitor_on_fsdp2_shards_is_refused_on_every_rank_before_training(fsdp2_run):
+    """(On replicated weights exact is exact: tests/unit/test_telemetry_keys.py.)"""
+    for result in fsdp2_run[2]:
+        assert result["exact_refused"].startswith("ConfigError: lowrank.monitor.method: 'exact' needs whole weights")

@@ -242,6 +242,8 @@ def describe_schema() -> str:
     for key, tp, default, allowed, text in schema_rows(LowRankConfig, "lowrank"):
         allowed = "; ".join(filter(None, [allowed, EXTRA_RULES.get(key, "")]))
         lines.append(f"| `{key}` | {cell(tp)} | `{cell(default)}` | {cell(allowed)} | {cell(text)} |")
+    lines += ["", "Removed keys (a config that sets one is refused with this reason):", ""]
+    lines += [f"- `lowrank.{section}.{key}`: {why}" for (section, key), why in REMOVED_KEYS.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -11,5 +11,19 @@ def attach(backend, config, steps_per_epoch=None):
     return _attach(backend, config, steps_per_epoch)
 
 
-__all__ = ["attach", "Plan", "ConfigError", "DistLowRankError", "PlanMismatchError", "CheckpointError"]
+def save_lowrank(engine_or_backend, directory):
+    """See dist_lowrank.pretrained.save_lowrank: weights + layout of a (switched) model, for inference."""
+    from dist_lowrank.pretrained import save_lowrank as _save
+
+    return _save(engine_or_backend, directory)
+
+
+def load_lowrank(model_or_fn, directory, map_location="cpu"):
+    """See dist_lowrank.pretrained.load_lowrank: the model with the saved layout and weights."""
+    from dist_lowrank.pretrained import load_lowrank as _load
+
+    return _load(model_or_fn, directory, map_location)
+
+
+__all__ = ["attach", "save_lowrank", "load_lowrank", "Plan", "ConfigError", "DistLowRankError", "PlanMismatchError", "CheckpointError"]
 __version__ = "0.1.0"

@@ -32,6 +32,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
 
+# Prefixes wrappers insert into module names: activation checkpointing (torch's checkpoint_wrapper, the
+# torchtitan pattern), FSDP1 and torch.compile. A model built by model_fn has none of them.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """`name` as the unwrapped model spells it (`h.0._checkpoint_wrapped_module.attn` → `h.0.attn`)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name[:-1] if name.endswith(".") else name
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Swap the child module at dotted `name`; returns the old one."""
     parent_name, _, child = name.rpartition(".")

@@ -35,7 +35,7 @@ from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView, replicated_view
-from dist_lowrank.surgery import count_parameters, replace_module
+from dist_lowrank.surgery import clean_name, count_parameters, replace_module
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -208,12 +208,14 @@ class FSDP2Backend(Backend):
         return {k: v.float().clone() for k, v in full.items()}
 
     def _build_skeleton(self) -> nn.Module:
-        """model_fn on the meta device, every replacement so far replayed, then sharded."""
+        """model_fn on the meta device, every replacement so far replayed, then sharded. Replacements are
+        named as in the sharded model; model_fn's model has no wrapper prefixes yet (parallelize_fn adds
+        them, e.g. checkpoint_wrapper's `_checkpoint_wrapped_module.`), hence `clean_name`."""
         with torch.device("meta"):
             skeleton = self.model_fn()
             meta_modules = dict(skeleton.named_modules())
             for name, build in self.replacements.items():
-                replace_module(skeleton, name, build(meta_modules[name]))
+                replace_module(skeleton, clean_name(name), build(meta_modules[clean_name(name)]))
         return self.parallelize_fn(skeleton) or skeleton
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ rank with a named error instead of a hang.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,20 +65,37 @@ class Coordinator:
         return plan
 
     def raise_if_any_failed(self, error: Optional[BaseException], phase: str) -> None:
-        """Collective: if any rank passes an error, every rank raises a named error about it."""
+        """Collective: if any rank passes an error, every rank raises a named error about it (the failing
+        ranks and the first one's cause). The common case costs one all-reduce of a flag; the messages are
+        gathered only when something failed."""
         if not _distributed():
             if error is not None:
                 raise error
+            return
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if not int(flag.item()):
             return
         messages: list[Optional[str]] = [None] * self.world_size
         mine = None if error is None else f"{type(error).__name__}: {error}"
         dist.all_gather_object(messages, mine, group=self.group)
         failed = {r: m for r, m in enumerate(messages) if m is not None}
-        if not failed:
-            return
+        message = f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}"
         if error is not None:
-            raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}") from error
-        raise RemoteRankError(f"{phase} failed on rank(s) {sorted(failed)}: {failed[min(failed)]}")
+            raise RemoteRankError(message) from error
+        raise RemoteRankError(message)
+
+    @contextmanager
+    def shared_failure(self, phase: str) -> Iterator[None]:
+        """Collective: run a *local* stretch of work (no collectives inside) and agree at its end whether it
+        succeeded everywhere, so a rank that fails there cannot leave the others blocked in the next
+        collective: every rank raises the same RemoteRankError naming the failing rank and its cause."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - shared with every rank, then raised as a named error
+            self.raise_if_any_failed(exc, phase)
+            raise
+        self.raise_if_any_failed(None, phase)
 
     def arrive(self, phase: str, timeout_s: float) -> None:
         """Collective: wait for every rank before `phase`, at most `timeout_s`; a rank that does not arrive

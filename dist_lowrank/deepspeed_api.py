@@ -15,37 +15,33 @@ is rebuilt, and the proxy forwards every call to the current one. Hold on to the
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from dist_lowrank.backends.param_groups import is_scheduler_instance
 from dist_lowrank.config import LowRankConfig, from_ds_config
 
 
-def _optimizer_factory(optimizer: Any) -> Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]:
-    """Rebuild recipe for the client optimizer: a factory is used as is; an instance is re-created
-    with its class and defaults (its state is transplanted by the backend, not recreated)."""
-    if optimizer is None:
-        return None
-    if isinstance(optimizer, torch.optim.Optimizer):
-        cls = type(optimizer)
-        accepted = inspect.signature(cls.__init__).parameters
-        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-        first = [optimizer]
-
-        def factory(params):
-            if first:  # the user's own instance (and its param groups) for the first engine
-                return first.pop()
-            return cls(params, **defaults)
-
-        return factory
-    if callable(optimizer):
+def _optimizer_factory(optimizer: Any) -> Any:
+    """The client optimizer as the backend takes it: a torch optimizer instance (the first engine uses it
+    with its param groups; rebuilds re-create its class with the same groups by name, see
+    backends/param_groups.py), a callable params -> optimizer, or None (the ds_config's optimizer)."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer):
         return optimizer
     raise TypeError("optimizer: expected a torch.optim.Optimizer, a callable params -> optimizer, or None")
+
+
+def _scheduler_spec(lr_scheduler: Any) -> Any:
+    """An LR scheduler instance (kept from the first step and re-bound at each rebuild) or a callable
+    optimizer -> scheduler (called once, for the first engine); anything else is refused by name."""
+    if lr_scheduler is None or callable(lr_scheduler) or is_scheduler_instance(lr_scheduler):
+        return lr_scheduler
+    raise TypeError(f"lr_scheduler: expected an LR scheduler instance or a callable optimizer -> scheduler, got "
+                    f"{type(lr_scheduler).__name__}")
 
 
 class LowRankDeepSpeedEngine:
@@ -55,7 +51,7 @@ class LowRankDeepSpeedEngine:
         self._backend = backend
         self._controller = controller
         self._telemetry = telemetry  # lowrank.logging without a strategy: the proxy feeds it itself
-        self._last_loss: float = float("nan")
+        self._micro_losses: list[float] = []  # since the last optimizer step (gradient accumulation)
 
     @property
     def engine(self):
@@ -76,7 +72,7 @@ class LowRankDeepSpeedEngine:
     forward = __call__
 
     def backward(self, loss: torch.Tensor, *args, **kwargs):
-        self._last_loss = float(loss.detach().float())
+        self._micro_losses.append(float(loss.detach().float()))
         return self.engine.backward(loss, *args, **kwargs)
 
     def step(self, *args, **kwargs):
@@ -86,7 +82,8 @@ class LowRankDeepSpeedEngine:
         result = engine.step(*args, **kwargs)
         if boundary and (self._controller is not None or self._telemetry is not None):
             overflow = getattr(engine, "skipped_steps", 0) != skipped_before
-            loss = float("nan") if overflow else self._last_loss
+            micro, self._micro_losses = self._micro_losses, []  # the step's loss: mean over its micro-batches
+            loss = float("nan") if overflow or not micro else sum(micro) / len(micro)
             loss = loss if math.isfinite(loss) else float("nan")
             if self._controller is not None:  # with lowrank.logging it also records the step's telemetry
                 self._controller.after_step(int(engine.global_steps), loss)
@@ -109,9 +106,10 @@ def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict,
                steps_per_epoch: Optional[int] = None, **kwargs: Any):
     """Drop-in for `deepspeed.initialize`: same return tuple (engine, optimizer, dataloader, scheduler).
 
-    `optimizer` may be a torch optimizer instance (re-created with the same class and defaults at a
-    switch, state transplanted) or a callable `params -> optimizer`. `lr_scheduler` may be a callable
-    `optimizer -> scheduler` (re-bound to the new optimizer at a switch, position kept).
+    `optimizer` may be a torch optimizer instance (used as is for the first engine; at a rebuild re-created
+    with its class and defaults and the same param groups by name, state transplanted) or a callable
+    `params -> optimizer`. `lr_scheduler` may be an instance driving that optimizer (kept from the first
+    step and re-bound to each rebuilt optimizer at its position) or a callable `optimizer -> scheduler`.
     """
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
     from dist_lowrank.controller import LowRankController
@@ -126,8 +124,7 @@ def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict,
     ds_config = {k: v for k, v in config.items() if k != "lowrank"}
     counter = CommCounter().install() if telemetry_wanted(lowrank) else None  # before DeepSpeed's comm backend
     backend = DeepSpeedBackend(model, ds_config, _optimizer_factory(optimizer),
-                               scheduler_factory=lr_scheduler if callable(lr_scheduler) else None,
-                               model_fn=model_fn, **kwargs)
+                               scheduler_factory=_scheduler_spec(lr_scheduler), model_fn=model_fn, **kwargs)
     telemetry = library_telemetry(backend, lowrank, "deepspeed_api.initialize", counter=counter,
                                   samples_per_step=int(backend.engine.train_batch_size()))
     controller = None

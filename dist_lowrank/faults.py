@@ -2,6 +2,8 @@
 
 DIST_LOWRANK_FAULT="<point>[@<step>]:<action>:<rank>[:<seconds>]" arms one fault:
     point   factorize (a rank's SVD of its layer during a switch), switch (before the reshard barrier),
+            rebuild (after the module surgery of a switch or growth, before the new optimizer / engine),
+            transplant (new optimizer built, before the old optimizer state is installed in it),
             save (after this rank wrote its engine files, before the checkpoint is committed)
     action  raise (RuntimeError), kill (SIGKILL this process), sleep (for <seconds>)
 DIST_LOWRANK_FAULT_ONCE=<file>: fire only while <file> does not exist, and create it when firing, so a job

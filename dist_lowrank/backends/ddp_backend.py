@@ -21,10 +21,11 @@ class DDPBackend(LocalBackend):
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory,
                  scheduler_factory: Optional[SchedulerFactory] = None, ddp_kwargs: Optional[dict[str, Any]] = None,
-                 comm_hook: Optional[Callable] = None):
+                 comm_hook: Optional[Callable] = None, param_groups: Optional[list[dict[str, Any]]] = None):
+        """optimizer_factory / scheduler_factory: a factory or an instance (see LocalBackend)."""
         self.ddp_kwargs = dict(ddp_kwargs or {})
         self.comm_hook = comm_hook  # e.g. telemetry.comm.CommCounter.ddp_hook(); re-registered after rebuilds
-        super().__init__(model.to(default_device()), optimizer_factory, scheduler_factory)
+        super().__init__(model.to(default_device()), optimizer_factory, scheduler_factory, param_groups)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         device = default_device()

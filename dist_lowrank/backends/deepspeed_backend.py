@@ -10,10 +10,16 @@ Neither DeepSpeed nor torch supports changing a parameter's shape in place, so a
 3. the old engine is destroyed (its hooks, ZeRO-3's per-module backward Functions and ZeRO-3's
    class-level param-release memo removed, so nothing keeps it or the replaced parameters alive); factorized modules replace the layers in
    the same module (ZeRO-3 converts the new parameters to partitioned ones like the others);
-4. a new `deepspeed.initialize` with a new client optimizer whose last param group holds the new
-   factors (ZeRO keeps one Adam step counter per flat group: a group of their own lets the factors
-   start at step 0 with zero moments, like torch's per-parameter Adam, while every other group keeps
-   its step); the snapshot is written back bit for bit.
+4. a new `deepspeed.initialize` with a new client optimizer built from the user's param-group layout
+   (`param_groups.GroupLayout`, by name, hyper-parameters as the scheduler left them). ZeRO keeps one Adam
+   step counter per flat group, so the new factors of each source group go into a *companion* group with
+   the source's hyper-parameters, appended at the end: they start at step 0 with zero moments, like
+   torch's per-parameter Adam, while every other group keeps its step. The scheduler instance is re-bound
+   to the new optimizer at its position; companions take their source group's schedule (base_lr,
+   lr_lambda). The snapshot is written back bit for bit.
+Local stretches (module surgery + client optimizer; state write-back) end in `Coordinator.shared_failure`,
+so one rank's failure there ends every rank with the same named error; a failure *inside* one of
+DeepSpeed's own collectives (gathers, `deepspeed.initialize`) is left to the process-group timeout.
 """
 from __future__ import annotations
 
@@ -26,13 +32,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_lowrank.backends import ds_loss_scale
 from dist_lowrank.backends.base import Backend
+from dist_lowrank.backends.ds_master_views import master_view
 from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
-from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
+from dist_lowrank.backends.local_backend import peak_rss_mb
+from dist_lowrank.backends.param_groups import (GroupLayout, Origin, OptimizerSpec, ParamGroup, SchedulerSpec,
+                                                first_optimizer, is_scheduler_instance, optimizer_recipe,
+                                                rebind_scheduler, rebuilt_optimizer)
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import comm_device
-from dist_lowrank.errors import CheckpointError
+from dist_lowrank.errors import CheckpointError, DistLowRankError
+from dist_lowrank.faults import maybe_fault
 from dist_lowrank.backends.optim_state import embed_state
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
@@ -49,35 +61,56 @@ class DeepSpeedBackend(Backend):
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, config: dict, optimizer_factory: Optional[OptimizerFactory] = None,
-                 scheduler_factory: Optional[SchedulerFactory] = None, model_fn: Optional[Callable] = None,
-                 group_names: Optional[list[list[str]]] = None, **initialize_kwargs: Any) -> None:
-        """group_names: the client param groups by parameter name (a resumed run passes the saved layout,
-        since ZeRO's optimizer checkpoint is per group); default one group of every parameter."""
+    def __init__(self, model: nn.Module, config: dict, optimizer_factory: Optional[OptimizerSpec] = None,
+                 scheduler_factory: Optional[SchedulerSpec] = None, model_fn: Optional[Callable] = None,
+                 group_names: Optional[list[list[str]]] = None, param_groups: Optional[list[dict]] = None,
+                 **initialize_kwargs: Any) -> None:
+        """optimizer_factory: a torch optimizer instance over `model`'s parameters (used as the first client
+        optimizer, its param groups kept) or a callable params -> optimizer; None = the ds_config's optimizer
+        (one group). scheduler_factory: a scheduler instance driving that optimizer, or a callable optimizer ->
+        scheduler. param_groups: a checkpoint's saved layout (`engine_meta()["param_groups"]`; ZeRO's optimizer
+        checkpoint is per group); group_names: the older, names-only form of it."""
         init_deepspeed_distributed()
         self.config = dict(config)
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
-        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        self.optimizer_factory = optimizer_recipe(optimizer_factory)
         self.initialize_kwargs = initialize_kwargs
-        names = [n for n, _ in model.named_parameters()]
-        self.group_names: list[list[str]] = [list(g) for g in group_names] if group_names else [names]
-        listed = [n for g in self.group_names for n in g]
-        if sorted(listed) != sorted(names):
-            raise CheckpointError(f"param groups: saved layout names {sorted(set(listed) ^ set(names))[:3]} "
-                                  f"that the model does not have (or misses some it has)")
-        self.engine, self.dataloader = self._initialize(model, first=True)
+        named = dict(model.named_parameters())
+        saved = (GroupLayout.from_meta(param_groups) if param_groups else
+                 GroupLayout([ParamGroup(list(g)) for g in group_names]) if group_names
+                 else None)
+        if saved is not None:
+            listed = {n for g in saved.groups for n in g.names}
+            if not listed <= set(named):
+                raise CheckpointError(f"param groups: saved layout names {sorted(listed - set(named))[:3]} "
+                                      f"that the model does not have")
+        if optimizer_factory is None:
+            client, self.layout = None, saved or GroupLayout.single(named)
+        else:
+            client, self.layout = first_optimizer(optimizer_factory, named, saved)
+        scheduler = scheduler_factory
+        if is_scheduler_instance(scheduler) and getattr(scheduler, "optimizer", client) is not client:
+            if not isinstance(optimizer_factory, torch.optim.Optimizer) or scheduler.optimizer is not optimizer_factory:
+                raise DistLowRankError("lr_scheduler: the instance drives another optimizer than the one passed as "
+                                       "`optimizer` (build the scheduler on that optimizer, or pass a factory)")
+            instance = scheduler  # resumed from a saved layout: the user's scheduler moves to the rebuilt optimizer
+            scheduler = lambda opt: rebind_scheduler(instance, opt, [Origin(i) for i in range(len(self.layout))])
+        self.engine, self.dataloader = self._initialize(model, client, scheduler, first=True)
+
+    @property
+    def group_names(self) -> list[list[str]]:
+        """The client param groups by parameter name (older manifests store only this)."""
+        return [list(g.names) for g in self.layout.groups]
 
     # -- engine plumbing ---------------------------------------------------------------------------
-    def _initialize(self, module: nn.Module, first: bool = False):
+    def _initialize(self, module: nn.Module, optimizer: Optional[torch.optim.Optimizer], scheduler: Any,
+                    first: bool = False):
         import deepspeed
 
         kwargs = dict(self.initialize_kwargs) if first else {
             k: v for k, v in self.initialize_kwargs.items() if k not in ("training_data", "collate_fn")}
-        named = dict(module.named_parameters())
-        groups = [{"params": [named[n] for n in names]} for names in self.group_names]
-        optimizer = self.optimizer_factory(groups) if self.optimizer_factory else None
         engine, _, dataloader, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.config,
-                                                        lr_scheduler=self.scheduler_factory, **kwargs)
+                                                        lr_scheduler=scheduler, **kwargs)
         return engine, dataloader
 
     @property
@@ -108,8 +141,15 @@ class DeepSpeedBackend(Backend):
 
     def engine_meta(self) -> dict[str, Any]:
         steps = [None if step is None else float(step) for step in self._group_steps()]
-        return {"group_names": [list(g) for g in self.group_names], "zero_stage": self.stage,
+        self._refresh_layout()
+        return {"group_names": self.group_names, "param_groups": self.layout.to_meta(), "zero_stage": self.stage,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1, "group_steps": steps}
+
+    def _refresh_layout(self) -> None:
+        """The layout's hyper-parameters from the client optimizer's groups (lr as the scheduler set it)."""
+        if self.optimizer_factory is not None:
+            self.layout.refresh([{k: v for k, v in g.items() if k != "params"}
+                                 for g in self._base_optimizer().param_groups])
 
     def save_state(self, directory: Path, manifest_json: str) -> None:
         """Native checkpoint; the module carries DeepSpeed's universal-checkpoint marker so that
@@ -171,12 +211,16 @@ class DeepSpeedBackend(Backend):
 
     # -- monitor -----------------------------------------------------------------------------------
     def param_views(self, names: list[str]) -> list[ShardView]:
-        """ZeRO-3: this rank's flat partition (padding removed); ZeRO-0/1/2: the replicated parameter."""
+        """ZeRO-3: this rank's flat partition (padding removed); ZeRO-0/1/2: the replicated parameter. Under
+        bf16/fp16: this rank's piece of the fp32 master instead (ds_master_views)."""
         params = dict(self.engine.module.named_parameters())
         views = []
         for name in names:
             param = params[name]
-            if hasattr(param, "ds_tensor"):
+            master = master_view(name, param)
+            if master is not None:
+                views.append(master)
+            elif hasattr(param, "ds_tensor"):
                 shape = tuple(param.ds_shape)
                 numel = int(param.ds_numel)
                 part = param.ds_tensor.numel()
@@ -256,37 +300,41 @@ class DeepSpeedBackend(Backend):
         for name, replacement in replacements.items():  # old parameters that do not carry over
             kept_ids = {id(p) for p in replacement.parameters()}
             changed |= {f"{name}.{leaf}" for leaf, p in old_modules[name].named_parameters() if id(p) not in kept_ids}
-        del old_modules
         untouched = {n: p for n, p in module.named_parameters() if n not in changed}
+        layers = {name: [f"{name}.{leaf}" for leaf, _ in old_modules[name].named_parameters()] for name in replacements}
+        del old_modules
         snapshot = self._snapshot(untouched)
         counters = {c: getattr(self.engine, c) for c in COUNTERS if hasattr(self.engine, c)}
+        loss_scale = ds_loss_scale.capture(self.engine)  # fp16 dynamic scale, hysteresis, overflow window
         steps = self._group_steps()
-        scheduler_state = self.engine.lr_scheduler.state_dict() if self.engine.lr_scheduler is not None else None
+        self._refresh_layout()
+        scheduler, n_old = self.engine.lr_scheduler, len(self.layout)
         self._release_engine()
-        for name, new in replacements.items():
-            replace_module(module, name, new)
-        del untouched
-        gc.collect()
-        present = {n for n, _ in module.named_parameters()}
-        kept = [([n for n in group if n in present and (n not in changed or not new_group)], step)
-                for group, step in zip(self.group_names, steps)]
-        kept = [(g, s) for g, s in kept if g]
-        self.group_names = [g for g, _ in kept]
-        group_steps = [s for _, s in kept]
-        fresh = [n for n, _ in module.named_parameters() if not any(n in g for g in self.group_names)]
-        if fresh:
-            self.group_names.append(fresh)
-            group_steps.append(torch.zeros_like(steps[0]) if steps[0] is not None else None)
-        self.engine, _ = self._initialize(module)
-        for counter, value in counters.items():
-            setattr(self.engine, counter, value)
-        if scheduler_state is not None and self.engine.lr_scheduler is not None:
-            _continue_scheduler(self.engine.lr_scheduler, scheduler_state, len(self.group_names))
-        if steps[0] is not None:
-            self._create_optimizer_state(group_steps)
-        new_named = dict(self.engine.module.named_parameters())
-        self._restore(new_named, snapshot)
-        self._write_full(new_named, values, states)
+        coordinator = Coordinator()
+        with coordinator.shared_failure("engine rebuild (module surgery, client optimizer)"):
+            for name, new in replacements.items():
+                replace_module(module, name, new)
+            del untouched
+            gc.collect()
+            named = dict(module.named_parameters())
+            # A switch's factors go to companion groups (step 0); grown U, V keep their names, groups and steps.
+            self.layout, origins = self.layout.rebase(layers, named, companions=new_group)
+            group_steps = [None if steps[0] is None else torch.zeros_like(steps[0]) if o.fresh else steps[o.source]
+                           for o in origins]
+            maybe_fault("rebuild")
+            client = rebuilt_optimizer(self.optimizer_factory, self.layout, named) if self.optimizer_factory else None
+            rebind = None if scheduler is None else (lambda opt: rebind_scheduler(scheduler, opt, origins, n_old))
+        self.engine, _ = self._initialize(module, client, rebind)
+        with coordinator.shared_failure("optimizer transplant into the rebuilt engine"):
+            for counter, value in counters.items():
+                setattr(self.engine, counter, value)
+            ds_loss_scale.restore(self.engine, loss_scale)
+            maybe_fault("transplant")
+            if steps[0] is not None:
+                self._create_optimizer_state(group_steps)
+            new_named = dict(self.engine.module.named_parameters())
+            self._restore(new_named, snapshot)
+            self._write_full(new_named, values, states)
         # One full gc pass per switch (above, before the new engine allocates): a second one here cost
         # 0.15-0.25 s with torch + DeepSpeed loaded and freed only temporaries the next automatic pass gets.
         return {"params_before": params_before, "params_after": count_parameters(self.engine.module),
@@ -344,6 +392,8 @@ class DeepSpeedBackend(Backend):
                                      safe_get_local_fp32_param, safe_get_local_optimizer_state)
 
         has_state = self._group_steps()[0] is not None
+        if has_state:
+            self._relink_optimizer_state()
         out = {}
         for name, param in params.items():
             if not param.requires_grad:  # frozen (e.g. InRank W0): no master, no moments; the module keeps it
@@ -358,6 +408,16 @@ class DeepSpeedBackend(Backend):
                     entry.update({k: safe_get_full_optimizer_state(param, k).clone() for k in MOMENTS})
             out[name] = entry
         return out
+
+    def _relink_optimizer_state(self) -> None:
+        """ZeRO-1/2 link each parameter's optimizer-state fragments once, right after the *first group's*
+        first step (DeepSpeed 0.19.8 `_optimizer_step(group_no)`): groups after the first have no Adam state
+        yet then, so their fragments stay empty ("exp_avg not found in optimizer state fragment"). Link again
+        now that every group has state (local narrow() views, no communication)."""
+        zero = self.engine.optimizer
+        if getattr(zero, "_hp_optimizer_states_linked", False) and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
 
     def _create_optimizer_state(self, steps: list[torch.Tensor]) -> None:
         """Adam state for the new flat partitions (zero moments, each group's step), then the fragment
@@ -477,14 +537,3 @@ def _clear_zero3_release_cache() -> None:
     for candidate in (fn, getattr(fn, "__wrapped__", None), *(c.cell_contents for c in cells)):
         if hasattr(candidate, "cache_clear"):
             candidate.cache_clear()
-
-
-def _continue_scheduler(scheduler: Any, state: dict, n_groups: int) -> None:
-    """Load the old scheduler position into the new one; per-group lists (torch schedulers) are
-    extended to the new group count with the last group's value (all groups share hyperparameters)."""
-    state = dict(state)
-    for key in ("base_lrs", "_last_lr", "min_lrs"):
-        values = state.get(key)
-        if isinstance(values, list) and values and len(values) < n_groups:
-            state[key] = values + [values[-1]] * (n_groups - len(values))
-    scheduler.load_state_dict(state)

@@ -27,10 +27,14 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.local_backend import OptimizerFactory, SchedulerFactory, peak_rss_mb
+from dist_lowrank.backends.local_backend import peak_rss_mb
 from dist_lowrank.backends.optim_state import embed_state, rebuild_optimizer, snapshot_state
+from dist_lowrank.backends.param_groups import (GroupLayout, OptimizerSpec, SchedulerSpec, bind_scheduler,
+                                                first_optimizer, optimizer_recipe)
+from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import comm_device, default_device
 from dist_lowrank.errors import CheckpointError, DistLowRankError
+from dist_lowrank.faults import maybe_fault
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
@@ -53,14 +57,26 @@ class FSDP2Backend(Backend):
     name = "fsdp2"
 
     def __init__(self, model_fn: Callable[[], nn.Module], parallelize_fn: Callable[[nn.Module], nn.Module],
-                 optimizer_factory: OptimizerFactory, scheduler_factory: Optional[SchedulerFactory] = None,
-                 model: Optional[nn.Module] = None) -> None:
+                 optimizer_factory: OptimizerSpec, scheduler_factory: Optional[SchedulerSpec] = None,
+                 model: Optional[nn.Module] = None, param_groups: Optional[list[dict[str, Any]]] = None) -> None:
+        """optimizer_factory: a callable params -> optimizer, or an optimizer instance over the parameters of
+        `model` (already sharded by `parallelize_fn`; its param groups are kept); scheduler_factory: a callable
+        optimizer -> scheduler or a scheduler instance driving that optimizer. param_groups: a checkpoint's
+        saved layout (`engine_meta()["param_groups"]`) for a resumed run."""
         self.model_fn, self.parallelize_fn = model_fn, parallelize_fn
-        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
+        self.optimizer_factory = optimizer_recipe(optimizer_factory)
+        if isinstance(optimizer_factory, torch.optim.Optimizer) and model is None:
+            raise DistLowRankError("optimizer_factory: an optimizer instance needs the sharded `model=` it was "
+                                   "built over (or pass a factory params -> optimizer)")
         module = model if model is not None else model_fn()
-        self.model = parallelize_fn(module.to(default_device())) or module
-        self.optimizer = optimizer_factory(self.model.parameters())
-        self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
+        if any(isinstance(p, DTensor) for p in module.parameters()):
+            self.model = module  # sharded by the user already (the optimizer instance was built over its shards)
+        else:
+            self.model = parallelize_fn(module.to(default_device())) or module
+        saved = GroupLayout.from_meta(param_groups) if param_groups else None
+        self.optimizer, self.layout = first_optimizer(optimizer_factory, dict(self.model.named_parameters()), saved)
+        given = optimizer_factory if isinstance(optimizer_factory, torch.optim.Optimizer) else None
+        self.scheduler = bind_scheduler(scheduler_factory, self.optimizer, given)
         # every structural change so far (layer name -> builder from the meta module), replayed on rebuilds
         self.replacements: dict[str, Callable[[nn.Module], nn.Module]] = {}
 
@@ -86,11 +102,13 @@ class FSDP2Backend(Backend):
         params_before = count_parameters(self.model)
         if plan.kind == "grow":
             sources, states = self._grow_sources(plan)
-            layers = len(plan.capacities)
+            layers, replaced = len(plan.capacities), []  # grown U, V keep their names (and groups)
         else:
             sources, states = self._switch_sources(plan), {}
-            layers = len(plan.ranks)
-        self._rebuild(sources, states)
+            layers, replaced = len(plan.ranks), sorted(plan.ranks)
+        # Local work only from here on (skeleton, fully_shard on meta, shard copies, optimizer): shared failure.
+        with Coordinator().shared_failure(f"{plan.kind} rebuild (sharded model, optimizer transplant)"):
+            self._rebuild(sources, states, replaced)
         del sources, states
         gc.collect()
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
@@ -131,12 +149,15 @@ class FSDP2Backend(Backend):
             self.replacements[name] = partial(_inrank_like, width=plan.ranks[name], capacity=capacity)
         return sources, states
 
-    def _rebuild(self, sources: dict[str, torch.Tensor], full_states: dict[str, dict]) -> None:
+    def _rebuild(self, sources: dict[str, torch.Tensor], full_states: dict[str, dict],
+                 replaced: list[str]) -> None:
         """New sharded model from the skeleton: untouched shards copied, `sources` distributed, optimizer
-        state carried (untouched: local shards bit for bit; `full_states`: distributed). The old model,
-        optimizer and scheduler are dropped."""
+        state carried (untouched: local shards bit for bit; `full_states`: distributed), the param groups of
+        the `replaced` layers' parameters passed on to their successors. The old model and optimizer are
+        dropped; the scheduler is re-bound."""
         old = self.model
         new = self._build_skeleton()
+        maybe_fault("rebuild")
         self._materialize(new, old, sources)
         old_inrank = {n: m for n, m in old.named_modules() if isinstance(m, InRankLinear)}
         for name, module in new.named_modules():  # widths grown within capacity live on the modules
@@ -146,12 +167,15 @@ class FSDP2Backend(Backend):
         new_named = dict(new.named_parameters())
         untouched = {n: p for n, p in old_named.items() if n in new_named and n not in sources}
         snapshot = snapshot_state(self.optimizer, untouched, copy=False)  # the old optimizer is dropped next
-        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
+        self.layout.refresh(self.optimizer.param_groups)
+        layers = {layer: [n for n in old_named if n.startswith(layer + ".")] for layer in replaced}
+        scheduler = self.scheduler
         self.model = self.optimizer = self.scheduler = None
         del old, old_named, untouched, old_inrank
         self.model = new
-        self.optimizer, self.scheduler = rebuild_optimizer(self.optimizer_factory, self.scheduler_factory, new_named,
-                                                           snapshot, scheduler_state)
+        self.layout, _ = self.layout.rebase(layers, new_named, companions=False)
+        self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, new_named, snapshot, scheduler)
+        self.scheduler = scheduler
         for name, state in full_states.items():
             param = new_named[name]
             self.optimizer.state[param] = {key: _shard_like(value, param) for key, value in state.items()}
@@ -170,8 +194,12 @@ class FSDP2Backend(Backend):
         dcp.save(state, checkpoint_id=str(directory))
 
     def engine_meta(self) -> dict[str, Any]:
+        """Parameters without optimizer state yet, and the param-group layout by name (a resumed run passes
+        it back as `param_groups=`)."""
+        self.layout.refresh(self.optimizer.param_groups)
         return {"stateless_params": sorted(n for n, p in self.model.named_parameters()
-                                           if p.requires_grad and not self.optimizer.state.get(p))}
+                                           if p.requires_grad and not self.optimizer.state.get(p)),
+                "param_groups": self.layout.to_meta()}
 
     def load_state(self, directory: Path, engine_meta: Optional[dict[str, Any]] = None) -> None:
         """DCP load into this (possibly differently sized) sharded model; parameters saved without optimizer

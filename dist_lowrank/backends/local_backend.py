@@ -18,9 +18,12 @@ from torch import nn
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.backends.optim_state import (embed_state, group_hyperparams, rebuild_optimizer,
                                                restore_group_hyperparams, snapshot_state, transplant_state)
+from dist_lowrank.backends.param_groups import (GroupLayout, OptimizerSpec, SchedulerSpec, bind_scheduler,
+                                                first_optimizer, optimizer_recipe)
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import comm_device
 from dist_lowrank.errors import CheckpointError
+from dist_lowrank.faults import maybe_fault
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshard import factorize_spread, layer_fetcher
 from dist_lowrank.shard_view import ShardView, replicated_view
@@ -40,12 +43,19 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory,
-                 scheduler_factory: Optional[SchedulerFactory] = None) -> None:
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerSpec,
+                 scheduler_factory: Optional[SchedulerSpec] = None,
+                 param_groups: Optional[list[dict[str, Any]]] = None) -> None:
+        """optimizer_factory: a callable params -> optimizer, or an optimizer instance over `model`'s
+        parameters (its param groups are kept); scheduler_factory: a callable optimizer -> scheduler, or a
+        scheduler instance driving that instance. param_groups: a checkpoint's saved layout
+        (`engine_meta()["param_groups"]`) for a resumed run."""
         self.module = model
-        self.optimizer_factory, self.scheduler_factory = optimizer_factory, scheduler_factory
-        self.optimizer = optimizer_factory(model.parameters())
-        self.scheduler = scheduler_factory(self.optimizer) if scheduler_factory else None
+        self.optimizer_factory = optimizer_recipe(optimizer_factory)
+        saved = GroupLayout.from_meta(param_groups) if param_groups else None
+        self.optimizer, self.layout = first_optimizer(optimizer_factory, dict(model.named_parameters()), saved)
+        given = optimizer_factory if isinstance(optimizer_factory, torch.optim.Optimizer) else None
+        self.scheduler = bind_scheduler(scheduler_factory, self.optimizer, given)
         self.model = self.wrap(model)
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -73,16 +83,22 @@ class LocalBackend(Backend):
         factors = factorize_spread(names, plan.ranks, layer_fetcher(modules, lambda p: p.detach(), {}),
                                    dtype=reference.dtype, device=comm_device())
         factors = {n: (a.to(reference.device), b.to(reference.device)) for n, (a, b) in factors.items()}
-        changed = {f"{n}.{leaf}" for n in names for leaf, _ in modules[n].named_parameters()}
-        untouched = {n: p for n, p in self.module.named_parameters() if n not in changed}
-        snapshot = snapshot_state(self.optimizer, untouched)
-        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
-        self.release()
-        report = apply_rank_plan(self.module, plan.ranks, factors)
-        del modules, factors
-        self.optimizer, self.scheduler = rebuild_optimizer(self.optimizer_factory, self.scheduler_factory,
-                                                           dict(self.module.named_parameters()), snapshot,
-                                                           scheduler_state)
+        layers = {n: [f"{n}.{leaf}" for leaf, _ in modules[n].named_parameters()] for n in names}
+        changed = {p for olds in layers.values() for p in olds}
+        # Local work only from here to the wrap (DDP broadcasts there): a failure on any rank is shared first.
+        with Coordinator().shared_failure("switch rebuild (module surgery, optimizer transplant)"):
+            untouched = {n: p for n, p in self.module.named_parameters() if n not in changed}
+            snapshot = snapshot_state(self.optimizer, untouched)
+            self.layout.refresh(self.optimizer.param_groups)
+            scheduler = self.scheduler
+            self.release()
+            report = apply_rank_plan(self.module, plan.ranks, factors)
+            del modules, factors
+            maybe_fault("rebuild")
+            named = dict(self.module.named_parameters())
+            self.layout, _ = self.layout.rebase(layers, named, companions=False)
+            self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, named, snapshot, scheduler)
+            self.scheduler = scheduler
         self.model = self.wrap(self.module)
         gc.collect()
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
@@ -96,26 +112,35 @@ class LocalBackend(Backend):
         modules = dict(self.module.named_modules())
         grown = sorted(plan.capacities)
         changed = {f"{n}.{p}" for n in grown for p in ("u", "v")}
-        named = dict(self.module.named_parameters())
-        snapshot = snapshot_state(self.optimizer, named)
-        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
-        self.release()
-        for name in grown:
-            new = modules[name].with_capacity(plan.capacities[name])
-            new.grow(plan.ranks[name])
-            replace_module(self.module, name, new)
-        del modules
-        new_named = dict(self.module.named_parameters())
-        for name in changed & set(snapshot):
-            snapshot[name] = embed_state(snapshot[name], new_named[name].shape)
-        self.optimizer, self.scheduler = rebuild_optimizer(self.optimizer_factory, self.scheduler_factory, new_named,
-                                                           snapshot, scheduler_state)
+        with Coordinator().shared_failure("growth rebuild (module surgery, optimizer transplant)"):
+            named = dict(self.module.named_parameters())
+            snapshot = snapshot_state(self.optimizer, named)
+            self.layout.refresh(self.optimizer.param_groups)
+            scheduler = self.scheduler
+            self.release()
+            for name in grown:
+                new = modules[name].with_capacity(plan.capacities[name])
+                new.grow(plan.ranks[name])
+                replace_module(self.module, name, new)
+            del modules
+            maybe_fault("rebuild")
+            new_named = dict(self.module.named_parameters())
+            for name in changed & set(snapshot):
+                snapshot[name] = embed_state(snapshot[name], new_named[name].shape)
+            # U, V keep their names, so the layout (groups, hyper-parameters) is unchanged
+            self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, new_named, snapshot, scheduler)
+            self.scheduler = scheduler
         self.model = self.wrap(self.module)
         gc.collect()
         return {"seconds": time.perf_counter() - start, "layers": len(grown), "peak_rss_mb": peak_rss_mb()}
 
     # -- checkpoints: plain state dicts keyed by parameter name (any world size loads them) ----------
     STATE_FILE = "state.pt"
+
+    def engine_meta(self) -> dict[str, Any]:
+        """The param-group layout by name (a resumed run passes it back as `param_groups=`)."""
+        self.layout.refresh(self.optimizer.param_groups)
+        return {"param_groups": self.layout.to_meta()}
 
     def save_state(self, directory: Path, manifest_json: str) -> None:
         """Rank 0 writes module state, optimizer state by parameter name, group hyperparameters, scheduler."""

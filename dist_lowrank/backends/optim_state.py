@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from dist_lowrank.backends.param_groups import GroupLayout, Origin, rebind_scheduler, rebuilt_optimizer
 from dist_lowrank.errors import DistLowRankError
+from dist_lowrank.faults import maybe_fault
 
 
 def _clone(value):
@@ -62,18 +64,19 @@ def transplant_state(optimizer: torch.optim.Optimizer, named_params: dict[str, n
         optimizer.state[param] = dict(state)
 
 
-def rebuild_optimizer(optimizer_factory: Callable, scheduler_factory: Optional[Callable],
-                      named_params: dict[str, nn.Parameter], snapshot: dict[str, dict],
-                      scheduler_state: Optional[dict]) -> tuple[torch.optim.Optimizer, Any]:
-    """A new optimizer over the rebuilt model's parameters with the snapshot installed, and the scheduler
-    re-bound to it at its old position (LR schedule and step count continue across the rebuild)."""
-    optimizer = optimizer_factory(named_params.values())
+def rebuild_optimizer(recipe: Callable, layout: GroupLayout, named_params: dict[str, nn.Parameter],
+                      snapshot: dict[str, dict], scheduler: Any,
+                      origins: Optional[list[Origin]] = None) -> torch.optim.Optimizer:
+    """A new optimizer over the rebuilt model's parameters with `layout`'s groups (and hyper-parameters) and
+    the snapshot installed; the scheduler instance, if any, is re-bound to it at its old position (its LR
+    schedule and step count continue across the rebuild). `origins`: old group of each new group (default:
+    the same index)."""
+    optimizer = rebuilt_optimizer(recipe, layout, named_params)
+    maybe_fault("transplant")
     transplant_state(optimizer, named_params, snapshot)
-    scheduler = None
-    if scheduler_factory is not None:
-        scheduler = scheduler_factory(optimizer)
-        scheduler.load_state_dict(scheduler_state)
-    return optimizer, scheduler
+    if scheduler is not None:
+        rebind_scheduler(scheduler, optimizer, origins or [Origin(i) for i in range(len(layout))])
+    return optimizer
 
 
 def embed_state(state: dict, new_shape: torch.Size) -> dict:

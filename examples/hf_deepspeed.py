@@ -40,7 +40,7 @@ def build(model: str, checkpointing: bool = False, lowrank: Optional[dict] = Non
     net = MODELS[model]()
     if checkpointing:
         net.config.use_cache = False
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lowrank is not None and lowrank.get("strategy") == "inrank":
         from dist_lowrank.config import load_config
         from dist_lowrank.inrank_model import to_inrank

@@ -46,9 +46,10 @@ def _observer(seen: dict, unwrapped, output):
     seen["after_reshard"] = []
 
     def on_step(step: int, holder: Any) -> None:
-        if step == 1:  # count the first block's forward calls during step 2 (2 = recomputed in backward)
-            seen["block_calls"], block = [], _first_block(unwrapped(holder))
-            seen["hook"] = block.register_forward_pre_hook(lambda *_: seen["block_calls"].append(1))
+        if step == 1:  # count the first block's norm calls during step 2 (2 = the block recomputed in backward)
+            block = _first_block(unwrapped(holder))
+            seen["block_calls"], norm = [], getattr(block, "input_layernorm", None) or block.ln_1  # Llama / GPT-2
+            seen["hook"] = norm.register_forward_pre_hook(lambda *_: seen["block_calls"].append(1))
         elif step == 2:
             seen.pop("hook").remove()
             seen["block_calls"] = len(seen["block_calls"])

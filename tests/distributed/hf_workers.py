@@ -217,13 +217,16 @@ def _strip(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "dense"}
 
 
-def checkpointing_pairs_fsdp2(rank: int, world: int, lowranks: dict[str, dict], steps: int) -> dict:
+def checkpointing_pairs_fsdp2(rank: int, world: int, lowranks: dict[str, dict], steps: int,
+                              out_dir: Optional[str] = None) -> dict:
     """For each named `lowrank` section (a switch, an InRank growth): Llama under FSDP2, once with torch's
-    checkpoint_wrapper applied in the sharding function and once without."""
+    checkpoint_wrapper applied in the sharding function and once without. The first checkpointed job is
+    saved to `out_dir` and loaded back into the unwrapped model."""
     out = {}
-    for label, lowrank in lowranks.items():
+    for index, (label, lowrank) in enumerate(lowranks.items()):
         for checkpointing in (True, False):
-            out[label, checkpointing] = _strip(fsdp2_run(rank, world, "llama", None, lowrank, steps, checkpointing))
+            save = out_dir if index == 0 and checkpointing else None
+            out[label, checkpointing] = _strip(fsdp2_run(rank, world, "llama", save, lowrank, steps, checkpointing))
     return out
 
 

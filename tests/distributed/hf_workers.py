@@ -213,8 +213,8 @@ def plain_torch_losses(model: str, steps: int, world: int = 2, checkpointing: bo
 
 
 # ---- activation checkpointing: the same job with and without it, in one process per rank ---------------
-def _strip(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "dense"}
+def _strip(result: dict, keep_dense: bool) -> dict:
+    return {k: v for k, v in result.items() if k != "dense" or keep_dense}
 
 
 def checkpointing_pairs_fsdp2(rank: int, world: int, lowranks: dict[str, dict], steps: int,
@@ -226,7 +226,8 @@ def checkpointing_pairs_fsdp2(rank: int, world: int, lowranks: dict[str, dict], 
     for index, (label, lowrank) in enumerate(lowranks.items()):
         for checkpointing in (True, False):
             save = out_dir if index == 0 and checkpointing else None
-            out[label, checkpointing] = _strip(fsdp2_run(rank, world, "llama", save, lowrank, steps, checkpointing))
+            out[label, checkpointing] = _strip(fsdp2_run(rank, world, "llama", save, lowrank, steps, checkpointing),
+                                               keep_dense=not checkpointing)
     return out
 
 
@@ -236,5 +237,5 @@ def checkpointing_pairs_deepspeed(rank: int, world: int, stage: int, lowranks: d
     for label, lowrank in lowranks.items():
         for checkpointing in (True, False):
             out[label, checkpointing] = _strip(deepspeed_run(rank, world, "llama", stage, None, lowrank, steps,
-                                                             checkpointing=checkpointing))
+                                                             checkpointing=checkpointing), keep_dense=not checkpointing)
     return out

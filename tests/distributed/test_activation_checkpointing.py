@@ -72,3 +72,17 @@ def test_checkpoint_wrapped_model_saves_under_unwrapped_names(pairs):
     """save_lowrank drops `_checkpoint_wrapped_module.`: the switched model loads into model_fn's plain model."""
     r0 = pairs("fsdp2")[0]["switch", True]
     assert torch.allclose(r0["loaded_logits"], r0["live_logits"], atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_llama_switch_equals_plain_torch_factorization(engine, pairs):
+    """Llama with default targets on ZeRO-3 too (test_hf_models.py has it on FSDP2): the output right after
+    the switch equals the run's dense weights factorized by plain torch, with and without checkpointing."""
+    from tests.distributed.hf_workers import reference_switch_logits
+
+    r0, r1 = pairs(engine)
+    plain = r0["switch", False]
+    expected = reference_switch_logits("llama", plain["dense"], plain["ranks"])
+    for r in (r0, r1):
+        for checkpointing in (False, True):
+            assert torch.allclose(r["switch", checkpointing]["switch_logits"], expected, atol=1e-5, rtol=1e-5)

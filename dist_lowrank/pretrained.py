@@ -43,25 +43,29 @@ def _backend_of(obj: Any):
 
 def save_lowrank(obj: Union[nn.Module, Any], directory: Union[str, Path]) -> Optional[Path]:
     """Collective on a backend (every rank calls it): write `model_fp32.pt` and `layout.json` into
-    `directory` on rank 0; returns the weights' path there, None on other ranks.
+    `directory` on rank 0; returns the weights' path there, None on other ranks. If rank 0 cannot write,
+    every rank raises the same RemoteRankError naming it (no rank is left waiting in its next collective).
 
     `obj`: the engine returned by `deepspeed_api.initialize`, a backend (FSDP2Backend, DDPBackend, ...),
-    a controller, or a plain (unsharded) nn.Module.
+    a controller, or a plain (unsharded) nn.Module (no collective then).
     """
-    from dist_lowrank.checkpoint.manifest import layout_of
+    from dist_lowrank.coordinator import Coordinator
 
     backend = _backend_of(obj)
     if backend is not None:
         state, model = backend.export_fp32(), backend.unwrapped_model()
-    elif isinstance(obj, nn.Module):
-        model = obj
-        state = {k: v.detach().float().cpu().clone() for k, v in obj.state_dict().items()}
-    else:
-        raise TypeError(f"save_lowrank: expected an engine from deepspeed_api.initialize, a backend, a controller "
-                        f"or an nn.Module, got {type(obj).__name__}")
-    if state is None:
-        return None
-    out = Path(directory)
+        with Coordinator().shared_failure(f"save_lowrank to {directory}"):
+            return None if state is None else _write(Path(directory), state, model)
+    if isinstance(obj, nn.Module):
+        return _write(Path(directory), {k: v.detach().float().cpu().clone() for k, v in obj.state_dict().items()}, obj)
+    raise TypeError(f"save_lowrank: expected an engine from deepspeed_api.initialize, a backend, a controller "
+                    f"or an nn.Module, got {type(obj).__name__}")
+
+
+def _write(out: Path, state: dict[str, torch.Tensor], model: nn.Module) -> Path:
+    """The two files, under the unwrapped model's names."""
+    from dist_lowrank.checkpoint.manifest import layout_of
+
     out.mkdir(parents=True, exist_ok=True)
     weights = {clean_name(k): v for k, v in state.items()}
     layout = {clean_name(k): v for k, v in layout_of(model).items()}

@@ -239,3 +239,13 @@ def checkpointing_pairs_deepspeed(rank: int, world: int, stage: int, lowranks: d
             out[label, checkpointing] = _strip(deepspeed_run(rank, world, "llama", stage, None, lowrank, steps,
                                                              checkpointing=checkpointing), keep_dense=not checkpointing)
     return out
+
+
+def save_fails_on_rank0(rank: int, world: int, blocker: str) -> str:
+    """save_lowrank into a path that is a file on rank 0 (the only writer): every rank must raise."""
+    from dist_lowrank import save_lowrank
+    from dist_lowrank.backends.ddp_backend import DDPBackend
+
+    backend = DDPBackend(nn.Linear(4, 4), lambda p: torch.optim.AdamW(p, lr=1e-3))
+    save_lowrank(backend, blocker)
+    return "saved"

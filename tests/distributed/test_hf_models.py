@@ -127,3 +127,15 @@ def test_ddp_shared_weight_trains_as_one(runs):
     (r0, r1), _ = runs("ddp")
     assert torch.equal(r0["embedding_end"], r1["embedding_end"])
     assert not torch.equal(r0["embedding_end"], r0["dense"]["transformer.wte.weight"])
+
+
+def test_a_failed_save_ends_every_rank_with_the_same_named_error(tmp_path):
+    from tests.distributed.hf_workers import save_fails_on_rank0
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    results = run_ranks(save_fails_on_rank0, args=(str(blocker),), timeout=120, expect_errors=True)
+    for status, message in results:
+        assert status == "error"
+        first = message.splitlines()[0]
+        assert first.startswith(f"RemoteRankError: save_lowrank to {blocker} failed on rank(s) [0]: FileExistsError")

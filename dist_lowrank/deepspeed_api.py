@@ -80,9 +80,12 @@ class LowRankDeepSpeedEngine:
         boundary = engine.is_gradient_accumulation_boundary()
         skipped_before = getattr(engine, "skipped_steps", 0)
         result = engine.step(*args, **kwargs)
+        micro = self._micro_losses  # the step's loss: the mean over its micro-batches
+        if boundary:
+            self._micro_losses = []
+            self._backend.link_optimizer_state_once()
         if boundary and (self._controller is not None or self._telemetry is not None):
             overflow = getattr(engine, "skipped_steps", 0) != skipped_before
-            micro, self._micro_losses = self._micro_losses, []  # the step's loss: mean over its micro-batches
             loss = float("nan") if overflow or not micro else sum(micro) / len(micro)
             loss = loss if math.isfinite(loss) else float("nan")
             if self._controller is not None:  # with lowrank.logging it also records the step's telemetry
@@ -128,9 +131,14 @@ def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict,
     telemetry = library_telemetry(backend, lowrank, "deepspeed_api.initialize", counter=counter,
                                   samples_per_step=int(backend.engine.train_batch_size()))
     controller = None
-    if lowrank.strategy != "none":
-        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
-        controller.start()
+    try:
+        if lowrank.strategy != "none":
+            controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
+            controller.start()
+    except BaseException:
+        if telemetry is not None:  # stop counting; the log says where the run ended
+            telemetry.close(flush=False, report=False)
+        raise
     if telemetry is not None:
         telemetry.ready()  # engine set-up and the init estimate are not training traffic
     engine = LowRankDeepSpeedEngine(backend, controller, telemetry)

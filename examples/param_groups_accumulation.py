@@ -55,6 +55,12 @@ def optimizer_and_scheduler(model: nn.Module):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_decay, lr_inverse])
 
 
+def ds_config(stage: int, micro: int = MICRO, accum: int = ACCUM) -> dict:
+    """The DeepSpeed side: accumulation is DeepSpeed's own (`gradient_accumulation_steps`)."""
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
+
+
 @contextmanager
 def grad_sync(model: nn.Module, enabled: bool):
     """All-reduce gradients in this backward only if `enabled` (the last micro-batch): DDP's no_sync, FSDP2's
@@ -90,11 +96,8 @@ def main(backend: str = "ddp", steps: int = 12, inspect: Optional[Callable[..., 
 
         model = mlp()
         optimizer, scheduler = optimizer_and_scheduler(model)
-        ds_config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
-                     "zero_optimization": {"stage": int(backend[-1]), "stage3_param_persistence_threshold": 0},
-                     "steps_per_print": 10**9, "lowrank": LOWRANK}
         engine, _, _, scheduler = lowrank_ds.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                        config=ds_config)
+                                                        config={**ds_config(int(backend[-1])), "lowrank": LOWRANK})
         losses = []
         for _ in range(steps):
             x, y = to_model_device(engine, *next(batches))

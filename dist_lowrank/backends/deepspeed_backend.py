@@ -84,17 +84,20 @@ class DeepSpeedBackend(Backend):
             if not listed <= set(named):
                 raise CheckpointError(f"param groups: saved layout names {sorted(listed - set(named))[:3]} "
                                       f"that the model does not have")
+        origins = None
         if optimizer_factory is None:
             client, self.layout = None, saved or GroupLayout.single(named)
         else:
-            client, self.layout = first_optimizer(optimizer_factory, named, saved)
+            client, self.layout, origins = first_optimizer(optimizer_factory, named, saved)
         scheduler = scheduler_factory
         if is_scheduler_instance(scheduler) and getattr(scheduler, "optimizer", client) is not client:
             if not isinstance(optimizer_factory, torch.optim.Optimizer) or scheduler.optimizer is not optimizer_factory:
                 raise DistLowRankError("lr_scheduler: the instance drives another optimizer than the one passed as "
                                        "`optimizer` (build the scheduler on that optimizer, or pass a factory)")
-            instance = scheduler  # resumed from a saved layout: the user's scheduler moves to the rebuilt optimizer
-            scheduler = lambda opt: rebind_scheduler(instance, opt, [Origin(i) for i in range(len(self.layout))])
+            # resumed from a saved layout: the user's scheduler moves to the optimizer built from it, each saved
+            # group (companions included) continuing the user's group that holds its parameters
+            instance, user_groups = scheduler, len(optimizer_factory.param_groups)
+            scheduler = lambda opt: rebind_scheduler(instance, opt, origins, user_groups)
         self.engine, self.dataloader = self._initialize(model, client, scheduler, first=True)
 
     @property
@@ -128,7 +131,17 @@ class DeepSpeedBackend(Backend):
         self.engine.backward(loss)
 
     def step(self) -> None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
+        if boundary:
+            self.link_optimizer_state_once()
+
+    def link_optimizer_state_once(self) -> None:
+        """After the first optimizer step of an engine: link ZeRO-1/2's per-parameter state fragments for every
+        group (see `_relink_optimizer_state`), so `safe_get_full_optimizer_state` works on all of them."""
+        if self.engine is not getattr(self, "_linked_engine", None) and self._group_steps()[0] is not None:
+            self._relink_optimizer_state()
+            self._linked_engine = self.engine
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer that holds the flat fp32 partitions' state."""
@@ -188,6 +201,8 @@ class DeepSpeedBackend(Backend):
             raise CheckpointError(f"{source}: {str(exc).splitlines()[0][:300]}") from exc
         if path is None:
             raise CheckpointError(f"{source}/{self.CHECKPOINT_TAG}: DeepSpeed found no checkpoint to load")
+        if self._group_steps()[0] is not None:
+            self._relink_optimizer_state()  # ZeRO-1/2 leave the fragment links of loaded state unset
         if source != Path(directory):
             self._restore_group_steps((engine_meta or {}).get("group_steps") or [])
 
@@ -272,6 +287,8 @@ class DeepSpeedBackend(Backend):
 
         modules = dict(self.engine.module.named_modules())
         has_state = self._group_steps()[0] is not None
+        if has_state:
+            self._relink_optimizer_state()
         replacements, values, states = {}, {}, {}
         for name in sorted(plan.capacities):
             layer, capacity = modules[name], plan.capacities[name]
@@ -412,10 +429,11 @@ class DeepSpeedBackend(Backend):
     def _relink_optimizer_state(self) -> None:
         """ZeRO-1/2 link each parameter's optimizer-state fragments once, right after the *first group's*
         first step (DeepSpeed 0.19.8 `_optimizer_step(group_no)`): groups after the first have no Adam state
-        yet then, so their fragments stay empty ("exp_avg not found in optimizer state fragment"). Link again
-        now that every group has state (local narrow() views, no communication)."""
+        yet then, so their fragments stay empty ("exp_avg not found in optimizer state fragment"); after
+        load_checkpoint they are not linked at all. Link again now that every group has state (local narrow()
+        views, no communication)."""
         zero = self.engine.optimizer
-        if getattr(zero, "_hp_optimizer_states_linked", False) and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        if hasattr(zero, "_hp_optimizer_states_linked") and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
 

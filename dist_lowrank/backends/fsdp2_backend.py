@@ -74,9 +74,9 @@ class FSDP2Backend(Backend):
         else:
             self.model = parallelize_fn(module.to(default_device())) or module
         saved = GroupLayout.from_meta(param_groups) if param_groups else None
-        self.optimizer, self.layout = first_optimizer(optimizer_factory, dict(self.model.named_parameters()), saved)
+        self.optimizer, self.layout, origins = first_optimizer(optimizer_factory, dict(self.model.named_parameters()), saved)
         given = optimizer_factory if isinstance(optimizer_factory, torch.optim.Optimizer) else None
-        self.scheduler = bind_scheduler(scheduler_factory, self.optimizer, given)
+        self.scheduler = bind_scheduler(scheduler_factory, self.optimizer, given, origins)
         # every structural change so far (layer name -> builder from the meta module), replayed on rebuilds
         self.replacements: dict[str, Callable[[nn.Module], nn.Module]] = {}
 

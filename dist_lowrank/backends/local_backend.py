@@ -53,9 +53,9 @@ class LocalBackend(Backend):
         self.module = model
         self.optimizer_factory = optimizer_recipe(optimizer_factory)
         saved = GroupLayout.from_meta(param_groups) if param_groups else None
-        self.optimizer, self.layout = first_optimizer(optimizer_factory, dict(model.named_parameters()), saved)
+        self.optimizer, self.layout, origins = first_optimizer(optimizer_factory, dict(model.named_parameters()), saved)
         given = optimizer_factory if isinstance(optimizer_factory, torch.optim.Optimizer) else None
-        self.scheduler = bind_scheduler(scheduler_factory, self.optimizer, given)
+        self.scheduler = bind_scheduler(scheduler_factory, self.optimizer, given, origins)
         self.model = self.wrap(model)
 
     def wrap(self, module: nn.Module) -> nn.Module:

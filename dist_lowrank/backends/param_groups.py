@@ -163,6 +163,19 @@ class GroupLayout:
                                    f"{candidates}; put a layer's weights in one group")
         return candidates[0]
 
+    def origins_in(self, user: "GroupLayout") -> list[Origin]:
+        """For each group here, the one group of `user` that holds all its members (a saved layout read
+        against the optimizer the user built on resume)."""
+        where = {n: i for i, g in enumerate(user.groups) for n in g.names}
+        origins = []
+        for index, group in enumerate(self.groups):
+            owners = sorted({where[n] for n in group.names if n in where})
+            if len(owners) != 1:
+                raise DistLowRankError(f"param groups: the checkpoint's group {index} ({group.names[:3]}...) lies in "
+                                       f"groups {owners} of the optimizer passed now; group the parameters as before")
+            origins.append(Origin(owners[0]))
+        return origins
+
     # -- checkpoint manifest ----------------------------------------------------------------------
     def to_meta(self) -> list[dict[str, Any]]:
         """Plain JSON: [{"names": [...], "hyper": {...}}]; tuples become lists, scalar tensors floats."""
@@ -210,16 +223,20 @@ def optimizer_recipe(spec: Optional[OptimizerSpec]) -> Optional[OptimizerFactory
     raise TypeError("optimizer: expected a torch.optim.Optimizer, a callable params -> optimizer, or None")
 
 
-def first_optimizer(spec: OptimizerSpec, named: dict[str, nn.Parameter],
-                    saved: Optional[GroupLayout] = None) -> tuple[torch.optim.Optimizer, GroupLayout]:
-    """The first optimizer and its layout: the user's instance, or the factory's output over the model's
-    parameters; with a `saved` layout (resume) built from it instead, so groups are those of the checkpoint."""
-    if saved is not None:
-        optimizer = optimizer_recipe(spec)(saved.param_groups(named))
-        saved.check(optimizer, named)
-        return optimizer, GroupLayout.capture(optimizer, named)
-    optimizer = spec if isinstance(spec, torch.optim.Optimizer) else optimizer_recipe(spec)(list(named.values()))
-    return optimizer, GroupLayout.capture(optimizer, named)
+def first_optimizer(spec: OptimizerSpec, named: dict[str, nn.Parameter], saved: Optional[GroupLayout] = None
+                    ) -> tuple[torch.optim.Optimizer, GroupLayout, Optional[list[Origin]]]:
+    """The first optimizer, its layout, and (resume with an instance) which of the user's groups each group
+    continues. Fresh: the user's instance, or the factory's output over the model's parameters. With a
+    `saved` layout (resume): built from it, so the groups (companions included) are the checkpoint's; a
+    user's instance then says, by membership, which of its groups each saved group belongs to, so the
+    user's scheduler can be re-bound (`bind_scheduler(..., origins=)`)."""
+    if saved is None:
+        optimizer = spec if isinstance(spec, torch.optim.Optimizer) else optimizer_recipe(spec)(list(named.values()))
+        return optimizer, GroupLayout.capture(optimizer, named), None
+    optimizer = optimizer_recipe(spec)(saved.param_groups(named))
+    saved.check(optimizer, named)
+    origins = saved.origins_in(GroupLayout.capture(spec, named)) if isinstance(spec, torch.optim.Optimizer) else None
+    return optimizer, GroupLayout.capture(optimizer, named), origins
 
 
 def rebuilt_optimizer(recipe: OptimizerFactory, layout: GroupLayout,
@@ -235,9 +252,11 @@ def is_scheduler_instance(spec: SchedulerSpec) -> bool:
     return spec is not None and not callable(spec) and hasattr(spec, "step") and hasattr(spec, "state_dict")
 
 
-def bind_scheduler(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, given: Any = None) -> Any:
-    """The scheduler for the first optimizer: a factory is called; an instance must already drive the user's
-    optimizer `given` (it is rebound when the backend built another optimizer from a saved layout)."""
+def bind_scheduler(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, given: Any = None,
+                   origins: Optional[list[Origin]] = None) -> Any:
+    """The scheduler for the first optimizer: a factory is called; an instance must drive the user's
+    optimizer `given` (or `optimizer` itself). When the backend built another optimizer (resume from a saved
+    layout) the instance is re-bound to it, group i continuing the user's group origins[i]."""
     if spec is None:
         return None
     if not is_scheduler_instance(spec):
@@ -247,7 +266,7 @@ def bind_scheduler(spec: SchedulerSpec, optimizer: torch.optim.Optimizer, given:
         raise DistLowRankError("lr_scheduler: the instance drives another optimizer than the one passed as "
                                "`optimizer` (build the scheduler on that optimizer, or pass a factory)")
     if bound is not optimizer:
-        rebind_scheduler(spec, optimizer, [Origin(i) for i in range(len(optimizer.param_groups))])
+        rebind_scheduler(spec, optimizer, origins or [Origin(i) for i in range(len(optimizer.param_groups))])
     return spec
 
 

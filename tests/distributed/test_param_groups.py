@@ -113,9 +113,54 @@ def check(results: list[dict], oracle: dict, backend: str) -> None:
         assert got["n_groups"] == (4 if backend.startswith("zero") else 2)
 
 
+def expected_hyper(name: str, steps: int) -> tuple:
+    """The rule the user's groups follow, with the lr the schedule reaches after `steps` scheduler steps."""
+    from examples.param_groups_accumulation import GROUPS, lr_decay, lr_inverse
+
+    tag, fn = ("no_decay", lr_inverse) if name.endswith("bias") else ("decay", lr_decay)
+    group = GROUPS[tag]
+    return group["lr"] * fn(steps), group["weight_decay"], tuple(group["betas"]), tag
+
+
+def check_growth(growth: dict, backend: str) -> None:
+    """InRank growth past capacity at step 10 with the two groups: members and hyper-parameters by the rule,
+    lr where the schedule is, U/V keep their Adam step (and group: no companion), untouched state bit for bit."""
+    kind, ranks, capacities = growth["plan"]
+    assert kind == "grow" and capacities, growth["plan"]
+    assert {"2.u", "2.v", "4.u", "4.v"} <= set(growth["groups"])
+    for name, (lr, wd, betas, tag) in growth["groups"].items():
+        elr, ewd, ebetas, etag = expected_hyper(name, 10)
+        assert (wd, betas, tag) == (ewd, ebetas, etag) and lr == pytest.approx(elr, rel=1e-9), name
+    assert set(growth["steps"].values()) == {10.0}, growth["steps"]
+    assert growth["same_scheduler"] and growth["last_epoch"] == 10
+    assert growth["n_groups"] == 2 and growth["untouched_bitwise"]
+
+
+def check_resume(resume: dict) -> None:
+    """The ZeRO engine rebuilt from the manifest's layout has the same groups (companions included), steps and
+    schedule position, drives the user's new scheduler, and trains on exactly as the uninterrupted engine."""
+    assert resume["groups"][0] == resume["groups"][1]
+    assert resume["steps"][0] == resume["steps"][1]
+    assert resume["last_epoch"] == (STEPS, STEPS)
+    assert resume["same_scheduler"] and resume["n_groups"] == 4
+    assert resume["losses"][0] == resume["losses"][1]
+
+
+# Growth and resume ride on two of the runs (same processes, no second start-up): ZeRO-2 (sharded optimizer
+# state; ZeRO-1 runs the same DeepSpeedBackend code, ZeRO-3 differs only in the per-parameter state getters the
+# switch already exercises) and DDP (replicated; LocalBackend's code; its resume is
+# tests/unit/test_param_groups_resume.py). FSDP2's growth/resume keep the same GroupLayout (no companions).
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero1", "zero2", "zero3"])
-def test_groups_scheduler_and_accumulation_through_a_switch(backend, oracle):
-    check(run_ranks(example_worker, args=(backend, STEPS), timeout=240), oracle, backend)
+def test_groups_scheduler_and_accumulation_through_a_switch(backend, oracle, tmp_path):
+    growth = backend in ("ddp", "zero2")
+    resume = str(tmp_path) if backend == "zero2" else ""
+    results = run_ranks(example_worker, args=(backend, STEPS, resume, growth), timeout=300)
+    check(results, oracle, backend)
+    for r in results:
+        if growth:
+            check_growth(r["growth"], backend)
+        if resume:
+            check_resume(r["resume"])
 
 
 @pytest.mark.parametrize("fault,backend,phase", [

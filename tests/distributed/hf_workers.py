@@ -121,8 +121,9 @@ def fsdp2_run(rank: int, world: int, model: str, out_dir: Optional[str], lowrank
     return {**result, **seen, "param_names": names}
 
 
-def ddp_run(rank: int, world: int, model: str, lowrank: dict, steps: int) -> dict:
-    """The same job under DDPBackend (the loop of examples/ddp_cuttlefish.py)."""
+def ddp_run(rank: int, world: int, model: str, lowrank: dict, steps: int, blocker: Optional[str] = None) -> dict:
+    """The same job under DDPBackend (the loop of examples/ddp_cuttlefish.py). Then, with `blocker` (a path
+    that is a file on rank 0, the only writer), a save that must fail on every rank with one named error."""
     import torch.distributed as dist
 
     from dist_lowrank import attach
@@ -145,8 +146,17 @@ def ddp_run(rank: int, world: int, model: str, lowrank: dict, steps: int) -> dic
     restore()
     switch = [e for e in controller.events if e["event"] == "switch"]
     embedding = backend.unwrapped_model().get_input_embeddings().weight.detach().float().cpu().clone()
+    save_error = None
+    if blocker is not None:
+        from dist_lowrank import save_lowrank
+
+        try:
+            save_lowrank(backend, blocker)
+        except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
+            save_error = f"{type(exc).__name__}: {exc}"
     return {"losses": losses, "switch_step": switch[0]["step"] if switch else None,
-            "ranks": switch[0]["ranks"] if switch else {}, "embedding_end": embedding, **seen}
+            "ranks": switch[0]["ranks"] if switch else {}, "embedding_end": embedding, "save_error": save_error,
+            **seen}
 
 
 # ---- references: transformers + plain torch only ------------------------------------------------------
@@ -240,12 +250,3 @@ def checkpointing_pairs_deepspeed(rank: int, world: int, stage: int, lowranks: d
                                                              checkpointing=checkpointing), keep_dense=not checkpointing)
     return out
 
-
-def save_fails_on_rank0(rank: int, world: int, blocker: str) -> str:
-    """save_lowrank into a path that is a file on rank 0 (the only writer): every rank must raise."""
-    from dist_lowrank import save_lowrank
-    from dist_lowrank.backends.ddp_backend import DDPBackend
-
-    backend = DDPBackend(nn.Linear(4, 4), lambda p: torch.optim.AdamW(p, lr=1e-3))
-    save_lowrank(backend, blocker)
-    return "saved"

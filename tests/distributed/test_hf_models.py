@@ -46,8 +46,9 @@ def runs(tmp_path_factory):
                                     timeout=240)
             elif engine == "fsdp2":
                 results = run_ranks(fsdp2_run, args=(model, str(out), lowrank, STEPS), timeout=240)
-            else:
-                results = run_ranks(ddp_run, args=(model, lowrank, STEPS), timeout=240)
+            else:  # DDP also tries a save into a path that is a file on rank 0 (the writer)
+                (out / "a_file").write_text("not a directory")
+                results = run_ranks(ddp_run, args=(model, lowrank, STEPS, str(out / "a_file")), timeout=240)
             done[engine] = (results, out)
         return done[engine]
     return get
@@ -129,13 +130,7 @@ def test_ddp_shared_weight_trains_as_one(runs):
     assert not torch.equal(r0["embedding_end"], r0["dense"]["transformer.wte.weight"])
 
 
-def test_a_failed_save_ends_every_rank_with_the_same_named_error(tmp_path):
-    from tests.distributed.hf_workers import save_fails_on_rank0
-
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a directory")
-    results = run_ranks(save_fails_on_rank0, args=(str(blocker),), timeout=120, expect_errors=True)
-    for status, message in results:
-        assert status == "error"
-        first = message.splitlines()[0]
-        assert first.startswith(f"RemoteRankError: save_lowrank to {blocker} failed on rank(s) [0]: FileExistsError")
+def test_a_failed_save_ends_every_rank_with_the_same_named_error(runs):
+    (r0, r1), out = runs("ddp")
+    expected = f"RemoteRankError: save_lowrank to {out / 'a_file'} failed on rank(s) [0]: FileExistsError"
+    assert r0["save_error"].startswith(expected) and r1["save_error"].startswith(expected)

@@ -79,7 +79,9 @@ def deepspeed_run(rank: int, world: int, model: str, stage: int, out_dir: Option
         net = hf_deepspeed.build(model, checkpointing)
         engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=3e-3),
                                           config=hf_deepspeed.ds_config(stage, None))
-        data = batches(rank, world)
+        from dist_lowrank.device import default_device
+
+        data = batches(rank, world, device=default_device())
         for _ in range(plain_steps):
             loss = lm_loss(engine, next(data))
             engine.backward(loss)
@@ -135,7 +137,9 @@ def ddp_run(rank: int, world: int, model: str, lowrank: dict, steps: int, blocke
     on_step = _observer(seen, lambda backend: backend.unwrapped_model(), lambda backend: backend.model)
     backend = DDPBackend({"gpt2": gpt2, "llama": llama}[model](), lambda p: torch.optim.AdamW(p, lr=3e-3))
     controller = attach(backend, lowrank)
-    data, losses = batches(dist.get_rank(), dist.get_world_size()), []
+    from dist_lowrank.device import default_device
+
+    data, losses = batches(dist.get_rank(), dist.get_world_size(), device=default_device()), []
     for step in range(1, steps + 1):
         loss = lm_loss(backend.model, next(data))
         backend.backward(loss)

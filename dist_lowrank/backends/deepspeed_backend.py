@@ -139,9 +139,9 @@ class DeepSpeedBackend(Backend):
     def link_optimizer_state_once(self) -> None:
         """After the first optimizer step of an engine: link ZeRO-1/2's per-parameter state fragments for every
         group (see `_relink_optimizer_state`), so `safe_get_full_optimizer_state` works on all of them."""
-        if self.engine is not getattr(self, "_linked_engine", None) and self._group_steps()[0] is not None:
+        if not getattr(self.engine, "_dist_lowrank_linked", False) and self._group_steps()[0] is not None:
             self._relink_optimizer_state()
-            self._linked_engine = self.engine
+            self.engine._dist_lowrank_linked = True  # a mark on the engine: no reference that outlives it
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer that holds the flat fp32 partitions' state."""

@@ -82,23 +82,35 @@ def _train(backend: Any, batches, steps: int, accum: int) -> list[float]:
 
 
 def resume_check(handle: Any, directory: str, rank: int, world: int) -> dict:
-    """Save the switched ZeRO engine (companion groups, scheduler), build a new one the way a resumed user
-    script does (the model given the saved layout, the user's own optimizer + scheduler code, the manifest's
-    group layout), load, then train both 2 more steps on the same batches."""
+    """Save the switched engine (DeepSpeed: companion groups; FSDP2: DCP shards) with its scheduler, build a
+    new one the way a resumed user script does (the model given the saved layout, the user's own optimizer and
+    scheduler code, the manifest's group layout), load, then train both 2 more steps on the same batches."""
     import json
 
-    from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
     from dist_lowrank.checkpoint.manifest import apply_layout, layout_of
     from examples.common import digits, mlp
-    from examples.param_groups_accumulation import ACCUM, MICRO, ds_config, optimizer_and_scheduler
+    from examples.param_groups_accumulation import ACCUM, MICRO, ds_config, optimizer_and_scheduler, shard
 
-    backend = handle._backend
+    backend = getattr(handle, "_backend", handle)  # the DeepSpeed proxy's backend, or the FSDP2 backend
     meta = json.loads(json.dumps(backend.engine_meta()))  # exactly what the manifest keeps
+    layout = layout_of(backend.unwrapped_model())
     backend.save_state(directory, "{}")
-    fresh = apply_layout(mlp(), layout_of(backend.unwrapped_model()))
-    optimizer, scheduler = optimizer_and_scheduler(fresh)
-    resumed = DeepSpeedBackend(fresh, ds_config(backend.stage), optimizer, scheduler,
-                               param_groups=meta["param_groups"])
+    if backend.name == "deepspeed":
+        from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
+
+        fresh = apply_layout(mlp(), layout)
+        optimizer, scheduler = optimizer_and_scheduler(fresh)
+        resumed = DeepSpeedBackend(fresh, ds_config(backend.stage), optimizer, scheduler,
+                                   param_groups=meta["param_groups"])
+        accum = ACCUM
+    else:
+        from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
+
+        model_fn = lambda: apply_layout(mlp(), layout)  # noqa: E731 - the resumed script's model function
+        fresh = shard(model_fn())
+        optimizer, scheduler = optimizer_and_scheduler(fresh)
+        resumed = FSDP2Backend(model_fn, shard, optimizer, scheduler, model=fresh, param_groups=meta["param_groups"])
+        accum = 1  # the FSDP2 loop's accumulation is tested above; here the same 32-sample steps on both
     resumed.load_state(directory, meta)
     original, loaded = read_optimizer(backend), read_optimizer(resumed)
     out = {"groups": (original["groups"], loaded["groups"]), "steps": (original["steps"], loaded["steps"]),
@@ -106,7 +118,7 @@ def resume_check(handle: Any, directory: str, rank: int, world: int) -> dict:
            "same_scheduler": loaded["scheduler"] is scheduler, "n_groups": loaded["n_groups"]}
     losses = []
     for engine in (backend, resumed):
-        losses.append(_train(engine, digits(rank, world, batch=ACCUM * MICRO, seed=5), 2, ACCUM))
+        losses.append(_train(engine, digits(rank, world, batch=ACCUM * MICRO, seed=5), 2, accum))
     out["losses"] = tuple(losses)
     return out
 

@@ -136,31 +136,31 @@ def check_growth(growth: dict, backend: str) -> None:
     assert growth["n_groups"] == 2 and growth["untouched_bitwise"]
 
 
-def check_resume(resume: dict) -> None:
-    """The ZeRO engine rebuilt from the manifest's layout has the same groups (companions included), steps and
+def check_resume(resume: dict, n_groups: int) -> None:
+    """The engine rebuilt from the manifest's layout has the same groups (companions included), steps and
     schedule position, drives the user's new scheduler, and trains on exactly as the uninterrupted engine."""
     assert resume["groups"][0] == resume["groups"][1]
     assert resume["steps"][0] == resume["steps"][1]
     assert resume["last_epoch"] == (STEPS, STEPS)
-    assert resume["same_scheduler"] and resume["n_groups"] == 4
+    assert resume["same_scheduler"] and resume["n_groups"] == n_groups
     assert resume["losses"][0] == resume["losses"][1]
 
 
-# Growth and resume ride on two of the runs (same processes, no second start-up): ZeRO-2 (sharded optimizer
-# state; ZeRO-1 runs the same DeepSpeedBackend code, ZeRO-3 differs only in the per-parameter state getters the
-# switch already exercises) and DDP (replicated; LocalBackend's code; its resume is
-# tests/unit/test_param_groups_resume.py). FSDP2's growth/resume keep the same GroupLayout (no companions).
+# Growth and resume ride on some of the runs (same processes, no second start-up). Growth: ZeRO-2 (sharded
+# optimizer state; ZeRO-1 runs the same DeepSpeedBackend code, ZeRO-3 differs only in the per-parameter state
+# getters the switch already exercises) and DDP (replicated). Resume: ZeRO-2, ZeRO-3 (DeepSpeed's own checkpoint
+# per stage) and FSDP2 (DCP); DDP's is LocalBackend's code, tests/unit/test_param_groups_resume.py.
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero1", "zero2", "zero3"])
 def test_groups_scheduler_and_accumulation_through_a_switch(backend, oracle, tmp_path):
     growth = backend in ("ddp", "zero2")
-    resume = str(tmp_path) if backend == "zero2" else ""
+    resume = str(tmp_path) if backend in ("fsdp2", "zero2", "zero3") else ""
     results = run_ranks(example_worker, args=(backend, STEPS, resume, growth), timeout=300)
     check(results, oracle, backend)
     for r in results:
         if growth:
             check_growth(r["growth"], backend)
         if resume:
-            check_resume(r["resume"])
+            check_resume(r["resume"], 4 if backend.startswith("zero") else 2)
 
 
 @pytest.mark.parametrize("fault,backend,phase", [

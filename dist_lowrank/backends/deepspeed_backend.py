@@ -38,9 +38,9 @@ from dist_lowrank.backends.ds_master_views import master_view
 from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
 from dist_lowrank.backends.local_backend import peak_rss_mb
-from dist_lowrank.backends.param_groups import (GroupLayout, Origin, OptimizerSpec, ParamGroup, SchedulerSpec,
-                                                first_optimizer, is_scheduler_instance, optimizer_recipe,
-                                                rebind_scheduler, rebuilt_optimizer)
+from dist_lowrank.backends.param_groups import (GroupLayout, OptimizerSpec, ParamGroup, SchedulerSpec, first_optimizer,
+                                                is_scheduler_instance, optimizer_recipe, rebind_scheduler,
+                                                rebuilt_optimizer)
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import comm_device
 from dist_lowrank.errors import CheckpointError, DistLowRankError

@@ -8,8 +8,6 @@ built here (factors in the group of the weight they replace, with fresh state).
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -96,8 +96,9 @@ def main(backend: str = "ddp", steps: int = 12, inspect: Optional[Callable[..., 
 
         model = mlp()
         optimizer, scheduler = optimizer_and_scheduler(model)
-        engine, _, _, scheduler = lowrank_ds.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                        config={**ds_config(int(backend[-1])), "lowrank": LOWRANK})
+        engine, _, _, returned = lowrank_ds.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                       config={**ds_config(int(backend[-1])), "lowrank": LOWRANK})
+        assert returned is scheduler  # the instance you passed is the one DeepSpeed steps, from the first step
         losses = []
         for _ in range(steps):
             x, y = to_model_device(engine, *next(batches))

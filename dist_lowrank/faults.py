@@ -1,7 +1,8 @@
 """Fault injection for the reliability tests, at named points of the switch and the checkpoint save.
 
 DIST_LOWRANK_FAULT="<point>[@<step>]:<action>:<rank>[:<seconds>]" arms one fault:
-    point   factorize (a rank's SVD of its layer during a switch), switch (before the reshard barrier),
+    point   gather (a rank's fetch of a full layer, after its collectives), factorize (a rank's SVD of its
+            layer during a switch), switch (before the reshard barrier),
             rebuild (after the module surgery of a switch or growth, before the new optimizer / engine),
             transplant (new optimizer built, before the old optimizer state is installed in it),
             save (after this rank wrote its engine files, before the checkpoint is committed)

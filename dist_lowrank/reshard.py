@@ -4,7 +4,8 @@ Layers are taken in rounds of `world_size`: in a round every rank takes part in 
 (a rank-0-only gather hangs) but keeps only the one it owns, then all owners run their SVDs at the
 same time, then each owner broadcasts its factors. So no rank holds more than one full layer beyond
 its shards (plus the one being gathered), and the SVD work runs in parallel instead of being repeated.
-A failure on an owner is broadcast as a sentinel, so every rank stops with a named error.
+A failure on an owner is broadcast as a sentinel, and a failed fetch is agreed on at the end of its round,
+so every rank stops with a named error.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.errors import RemoteRankError
 from dist_lowrank.faults import maybe_fault
 from dist_lowrank.linalg import truncated_svd_factors
@@ -69,11 +71,19 @@ def factorize_spread(
     for start in range(0, len(names), world):
         round_names = names[start:start + world]
         mine: Optional[tuple[str, Optional[torch.Tensor]]] = None
+        gather_failure: Optional[Exception] = None
         for offset, name in enumerate(round_names):
-            full = fetch_full_matrix(name)
+            try:
+                full = fetch_full_matrix(name)
+                maybe_fault("gather")
+            except Exception as exc:  # noqa: BLE001 - after this rank's share of the gathers: agreed on below
+                gather_failure, full = gather_failure or exc, None
             if owner_of(start + offset, world) == me:
                 mine = (name, None if full is None else full.detach())
             del full
+        # One flag all-reduce per round: a rank whose fetch failed after its collectives (reshape, copy, memory)
+        # ends every rank with its cause. A failure *inside* a gather is left to the process-group timeout.
+        Coordinator().raise_if_any_failed(gather_failure, f"gathering {', '.join(round_names)}")
         factors, failure = _factorize_own(mine, ranks, dtype, device)
         for offset, name in enumerate(round_names):
             owner = owner_of(start + offset, world)

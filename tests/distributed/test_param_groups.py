@@ -162,11 +162,13 @@ def test_groups_scheduler_and_accumulation_through_a_switch(backend, oracle, tmp
 
 
 @pytest.mark.parametrize("fault,backend,phase", [
+    ("gather:raise:1", "fsdp2", "gathering 2, 4"),
     ("rebuild:raise:1", "zero2", "engine rebuild (module surgery, client optimizer)"),
     ("transplant:raise:1", "ddp", "switch rebuild (module surgery, optimizer transplant)")])
 def test_a_failure_on_one_rank_mid_rebuild_ends_every_rank_with_the_same_named_error(fault, backend, phase):
-    """Item 9: rank 1 raises in the engine rebuild (ZeRO-2, before the new deepspeed.initialize) or in the
-    optimizer transplant (DDP, new optimizer built, state not yet installed). Neither rank is left in a
+    """Item 9: rank 1 raises after its share of FSDP2's layer gathers (full_tensor), in the engine rebuild
+    (ZeRO-2, before the new deepspeed.initialize) or in the optimizer transplant (DDP, new optimizer built,
+    state not yet installed). Neither rank is left in a
     collective: both end, well within the harness timeout, with the same RemoteRankError naming rank 1 and
     its cause — not a gloo "Connection closed by peer"."""
     results = run_ranks(example_worker, args=(backend, STEPS), timeout=180, expect_errors=True,

@@ -20,8 +20,13 @@ def attach(backend: Backend, config: Union[LowRankConfig, dict, str, Path],
 
     cfg = config if isinstance(config, LowRankConfig) else load_config(config)
     telemetry = library_telemetry(backend, cfg, source="attach")
-    controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
-    controller.start()
+    try:
+        controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
+        controller.start()
+    except BaseException:
+        if telemetry is not None:  # stop counting; the log says where the run ended
+            telemetry.close(flush=False, report=False)
+        raise
     if telemetry is not None:
         telemetry.ready()  # the init estimate is not training traffic
     return controller

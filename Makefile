@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo baseline demo-cnn baseline-cnn test test-unit clean
+.PHONY: setup data demo baseline demo-cnn baseline-cnn test test-unit test-gpu clean
 
 setup: $(STAMP) data
 
@@ -49,6 +49,10 @@ test: setup
 
 test-unit: setup
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+# The gpu tier: parity tests with NCCL on >= 2 CUDA devices (a CUDA torch in the venv); skipped, reason printed, elsewhere.
+test-gpu:
+	$(PY) -m pytest -m gpu tests/gpu -rs $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .torch_extensions runs .pytest_cache

@@ -297,6 +297,7 @@ class DeviceDiscipline(TorchFunctionMode):
         setattr(owner, attr, value)
 
     def __enter__(self):
+        import dist_lowrank.backends.ddp_backend as ddp_mod  # imported first: its names are patched below
         import dist_lowrank.device as device_mod
 
         virtual = self.virtual
@@ -320,9 +321,7 @@ class DeviceDiscipline(TorchFunctionMode):
         self._patch(torch.cuda, "synchronize", lambda *a, **k: None)
         self._patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(0, dtype=torch.uint8))
         self._patch(torch.cuda, "set_rng_state", lambda *a, **k: None)
-        ddp_mod = sys.modules.get("dist_lowrank.backends.ddp_backend")
-        if ddp_mod is not None:
-            self._patch(ddp_mod, "DistributedDataParallel", self._ddp(ddp_mod.DistributedDataParallel))
+        self._patch(ddp_mod, "DistributedDataParallel", self._ddp(ddp_mod.DistributedDataParallel))
         return super().__enter__()
 
     def _ddp(self, cls: type) -> Callable:

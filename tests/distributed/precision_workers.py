@@ -36,7 +36,7 @@ def _train(backend, controller, batches, steps: int, dtype=None, autocast=None) 
     for _ in range(steps):
         x, y = to_model_device(backend.model, *next(batches))
         x = x.to(dtype) if dtype is not None else x
-        with controller.record_shapes(), torch.autocast("cpu", dtype=autocast or torch.bfloat16,
+        with controller.record_shapes(), torch.autocast(x.device.type, dtype=autocast or torch.bfloat16,
                                                          enabled=autocast is not None):
             out = backend.model(x)
         loss = F.cross_entropy(out.float(), y)
@@ -98,22 +98,12 @@ def deepspeed_case(rank: int, world: int, stage: int, precision: str) -> dict[st
 
 def fsdp2_case(rank: int, world: int) -> dict[str, Any]:
     """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) in the user's sharding function."""
-    from torch import nn
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
     from dist_lowrank.plan import Plan
-    from examples.common import digits, mlp
+    from examples.common import digits, mlp, to_model_device
+    from examples.mixed_precision import shard_bf16  # the README example's sharding function
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-
-    def shard(model: nn.Module) -> nn.Module:
-        for layer in model:
-            if any(True for _ in layer.parameters()):
-                fully_shard(layer, mp_policy=policy)
-        return fully_shard(model, mp_policy=policy)
-
-    backend = FSDP2Backend(mlp, shard, lambda p: torch.optim.AdamW(p, lr=1e-3))
+    backend = FSDP2Backend(mlp, shard_bf16, lambda p: torch.optim.AdamW(p, lr=1e-3))
     controller = _controller(backend)
     batches = digits(rank, world, batch=16, seed=1)
     losses = _train(backend, controller, batches, 3)
@@ -124,7 +114,7 @@ def fsdp2_case(rank: int, world: int) -> dict[str, Any]:
     modules = dict(backend.model.named_modules())
     stored = {n: (modules[n].second.weight.full_tensor().detach().cpu(),
                   modules[n].first.weight.full_tensor().detach().cpu()) for n in RANKS}
-    x = next(batches)[0]
+    x = to_model_device(backend.model, next(batches)[0])[0]
     with torch.no_grad():
         out_dtype = str(backend.model(x).dtype)
     losses += _train(backend, controller, batches, 3)
@@ -158,4 +148,12 @@ def all_precisions(rank: int, world: int) -> dict[str, Any]:
     """Every scenario in one pair of processes."""
     return {"ds_bf16_z3": deepspeed_case(rank, world, 3, "bf16"), "ds_bf16_z2": deepspeed_case(rank, world, 2, "bf16"),
             "ds_fp16_z2": deepspeed_case(rank, world, 2, "fp16"), "ds_fp16_z3": deepspeed_case(rank, world, 3, "fp16"),
-            "fsdp2_mp": fsdp2_case(rank, world), "ddp_autocast": ddp_case(rank, world)}
+            "fsdp2_mp": fsdp2_case(rank, world), "ddp_autocast": ddp_case(rank, world),
+            "example_ds_fp16": example_case()}
+
+
+def example_case() -> dict[str, Any]:
+    """The README example as a user runs it (DeepSpeed fp16, ZeRO-2, the switch decided by Cuttlefish)."""
+    from examples.mixed_precision import main
+
+    return main("ds_fp16", steps=30)

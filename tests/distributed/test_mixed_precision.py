@@ -93,3 +93,14 @@ def test_fp16_loss_scale_continues_across_rebuild(runs, case):
 def test_fsdp2_mixed_precision_computes_in_bf16(runs):
     for result in runs:
         assert result["fsdp2_mp"]["out_dtype"] == "torch.bfloat16"
+
+
+def test_readme_example_fp16_switches_and_keeps_training(runs):
+    """examples/mixed_precision.py (DeepSpeed fp16, ZeRO-2): one plan on both ranks, the switch inside
+    engine.step(), training goes on in fp16 without a burst of skipped steps after it."""
+    first, second = (r["example_ds_fp16"] for r in runs)
+    assert first["switch_step"] == second["switch_step"] and first["switch_step"] is not None
+    assert first["ranks"] == second["ranks"] and first["ranks"]
+    assert first["skipped_steps"] == second["skipped_steps"] <= 2  # 2^16 is below the overflow edge here
+    losses = [(a + b) / 2 for a, b in zip(first["losses"], second["losses"])]
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) < sum(losses[:5])

@@ -107,6 +107,7 @@ class DeviceDiscipline(TorchFunctionMode):
         rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
         self.virtual = torch.device("cuda", rank)
         self.tags: dict[int, str] = {}
+        self._alive: dict[int, Any] = {}
         self.violations: list[Violation] = []
         self.ops = 0
         self._patches: list[tuple[Any, str, Any]] = []
@@ -141,6 +142,10 @@ class DeviceDiscipline(TorchFunctionMode):
                 ptr = self._ptr(leaf)
                 if ptr:
                     self.tags[ptr] = tag
+                    if ptr not in self._alive:  # a tagged storage is kept while the check runs: its address is
+                        with torch._C.DisableTorchFunction():  # never reused by an untagged (C++-made) tensor
+                            local = getattr(leaf, "_local_tensor", None)
+                            self._alive[ptr] = (local if isinstance(local, torch.Tensor) else leaf).untyped_storage()
 
     def mark(self, *tensors: Any, tag: str = ACCEL) -> None:
         """Declare tensors (or modules: their parameters and buffers) to live on the accelerator."""
@@ -289,6 +294,10 @@ class DeviceDiscipline(TorchFunctionMode):
             if host:
                 origin, where = _origin()
                 self.violations.append(Violation(where, f"dist.{fn.__name__}", (HOST,), origin))
+                if os.environ.get("DEVICE_DISCIPLINE_TRACE"):
+                    import traceback
+
+                    traceback.print_stack()
             return fn(*args, **kwargs)
         return wrapper
 
@@ -338,6 +347,7 @@ class DeviceDiscipline(TorchFunctionMode):
         for owner, attr, value in reversed(self._patches):
             setattr(owner, attr, value)
         self._patches.clear()
+        self._alive.clear()
         return result
 
     def report(self, limit: int = 20) -> list[str]:

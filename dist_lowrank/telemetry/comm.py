@@ -11,6 +11,8 @@ all-reduces through a DDP communication hook.
 """
 from __future__ import annotations
 
+import functools
+
 import sys
 import threading
 from collections import defaultdict
@@ -99,7 +101,7 @@ class CommCounter:
                 self.record(__op, wire_bytes(__op, args, kwargs, p))
                 return __orig(*args, **kwargs)
 
-            wrapper.__wrapped__ = original
+            functools.update_wrapper(wrapper, original)  # keeps the op's name for whoever wraps it next
             setattr(dist, op, wrapper)
         _rebind_deepspeed()
         return self

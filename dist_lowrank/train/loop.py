@@ -92,84 +92,88 @@ def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     task = build_task(run)
     params_full = parameter_counts(task.model_fn())
     counter = CommCounter().install()  # before DeepSpeed builds its comm backend
-    backend = make_backend(run, task, lowrank, comm_hook=counter.ddp_hook(), manifest=manifest)
-    if resume:
-        load_checkpoint(backend, *resume)
-    telemetry = RunTelemetry(run.out_dir, run.log_every, comm_model_name(run), samples_per_step=run.batch_size * world,
-                             tokens_per_sample=task.tokens_per_sample, counter=counter,
-                             resume_step=start_step if resume else None)
-    telemetry.summary_extra = {"task": run.task, "backend": run.backend, "strategy": lowrank.strategy,
-                               "steps": run.steps}
-    telemetry.switch_step = manifest.switch_step if manifest else None
-    telemetry.begin(backend.unwrapped_model, {"run": vars(run), "lowrank": config_to_dict(lowrank),
-                                              "resumed_from": str(resume[0]) if resume else None},
-                    step=start_step, phase=manifest.phase if manifest else "full", params_full=params_full)
-    steps_per_epoch = max(1, task.samples_per_epoch // (run.batch_size * world))
-    controller: Optional[LowRankController] = None
-    if lowrank.strategy != "none":
-        controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, telemetry=telemetry,
-                                       resume_state=manifest.controller if manifest else None)
-        if not manifest:
-            controller.start()
-    telemetry.ready()  # engine set-up (DeepSpeed broadcasts the model) and the init estimate are not training traffic
-    batches = task.batches(rank, world)
-    for _ in range(start_step):  # the data order is a function of the step: skip what was trained
-        next(batches)
+    try:  # a run that fails (bad checkpoint, config) leaves torch.distributed as it found it
+        backend = make_backend(run, task, lowrank, comm_hook=counter.ddp_hook(), manifest=manifest)
+        if resume:
+            load_checkpoint(backend, *resume)
+        telemetry = RunTelemetry(run.out_dir, run.log_every, comm_model_name(run),
+                                 samples_per_step=run.batch_size * world,
+                                 tokens_per_sample=task.tokens_per_sample, counter=counter,
+                                 resume_step=start_step if resume else None)
+        telemetry.summary_extra = {"task": run.task, "backend": run.backend, "strategy": lowrank.strategy,
+                                   "steps": run.steps}
+        telemetry.switch_step = manifest.switch_step if manifest else None
+        telemetry.begin(backend.unwrapped_model, {"run": vars(run), "lowrank": config_to_dict(lowrank),
+                                                  "resumed_from": str(resume[0]) if resume else None},
+                        step=start_step, phase=manifest.phase if manifest else "full", params_full=params_full)
+        steps_per_epoch = max(1, task.samples_per_epoch // (run.batch_size * world))
+        controller: Optional[LowRankController] = None
+        if lowrank.strategy != "none":
+            controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, telemetry=telemetry,
+                                           resume_state=manifest.controller if manifest else None)
+            if not manifest:
+                controller.start()
+        # engine set-up (DeepSpeed broadcasts the model) and the init estimate are not training traffic
+        telemetry.ready()
+        batches = task.batches(rank, world)
+        for _ in range(start_step):  # the data order is a function of the step: skip what was trained
+            next(batches)
 
-    def checkpoint(step: int) -> None:
-        with counter.pause():
-            path = save_checkpoint(run, lowrank, backend, controller.state_dict() if controller else None, step,
-                                   telemetry.phase, telemetry.switch_step)
-        telemetry.log({"event": "checkpoint", "step": step, "path": str(path)})
-    show_bar = rank == 0 and sys.stderr.isatty() and not os.environ.get("CI")
-    from tqdm import tqdm
+        def checkpoint(step: int) -> None:
+            with counter.pause():
+                path = save_checkpoint(run, lowrank, backend, controller.state_dict() if controller else None, step,
+                                       telemetry.phase, telemetry.switch_step)
+            telemetry.log({"event": "checkpoint", "step": step, "path": str(path)})
+        show_bar = rank == 0 and sys.stderr.isatty() and not os.environ.get("CI")
+        from tqdm import tqdm
 
-    bar = tqdm(total=run.steps, disable=not show_bar, desc="train", dynamic_ncols=True)
-    evals: list[dict[str, Any]] = []
-    bar.update(start_step)
-    for step in range(start_step + 1, run.steps + 1):
-        telemetry.restart_clock()  # evaluation and checkpoints between steps are not step time
-        batch = next(batches)
-        context = controller.record_shapes() if controller else nullcontext()
-        with context:
-            loss = task.loss_fn(backend.model, batch)
-        decay = lowrank.cuttlefish.frobenius_decay if controller and controller.ranks else 0.0
-        if decay > 0 and run.backend == "deepspeed":  # ZeRO takes gradients into its own buffers: use the loss
-            loss = loss + frobenius_penalty(backend.unwrapped_model(), decay)
-        backend.backward(loss)
-        if decay > 0 and run.backend != "deepspeed":
-            frobenius_decay_(backend.unwrapped_model(), decay)
-        backend.step()
-        loss_value = float(loss.detach())
-        if controller:  # records the step's traffic and time, then decides (its own traffic is not counted)
-            plan = controller.after_step(step, loss_value)
-        else:
-            telemetry.end_step(step, loss_value)
-            plan = None
-            telemetry.after_controller(step, None)
-        if step == run.steps and telemetry.window.steps:
-            telemetry.flush(step)  # the last step is always logged
-        if plan is not None and plan.kind == "switch" and rank == 0:
-            tqdm.write(f"[step {step}] switched {len(plan.ranks)} layers to low rank; "
-                       f"params {params_full['params']:,} -> {count_parameters(backend.unwrapped_model()):,}")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
-            metrics = task.evaluate(backend.unwrapped_model())
-            evals.append({"step": step, **metrics})
-            telemetry.log({"event": "eval", "step": step, **metrics})
-            if rank == 0:
-                tqdm.write(f"[step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if run.checkpoint_every and (step % run.checkpoint_every == 0 or step == run.steps):
-            checkpoint(step)
-    bar.close()
-    if run.export_fp32:
-        with counter.pause():
-            export_fp32(backend, Path(run.out_dir))
-    summary = telemetry.close(report=False, final_eval=evals[-1] if evals else {},
-                              ranks=dict(controller.ranks) if controller else {},
-                              skipped_nonfinite_steps=controller.skipped_steps if controller else 0)
-    counter.uninstall()
+        bar = tqdm(total=run.steps, disable=not show_bar, desc="train", dynamic_ncols=True)
+        evals: list[dict[str, Any]] = []
+        bar.update(start_step)
+        for step in range(start_step + 1, run.steps + 1):
+            telemetry.restart_clock()  # evaluation and checkpoints between steps are not step time
+            batch = next(batches)
+            context = controller.record_shapes() if controller else nullcontext()
+            with context:
+                loss = task.loss_fn(backend.model, batch)
+            decay = lowrank.cuttlefish.frobenius_decay if controller and controller.ranks else 0.0
+            if decay > 0 and run.backend == "deepspeed":  # ZeRO takes gradients into its own buffers: use the loss
+                loss = loss + frobenius_penalty(backend.unwrapped_model(), decay)
+            backend.backward(loss)
+            if decay > 0 and run.backend != "deepspeed":
+                frobenius_decay_(backend.unwrapped_model(), decay)
+            backend.step()
+            loss_value = float(loss.detach())
+            if controller:  # records the step's traffic and time, then decides (its own traffic is not counted)
+                plan = controller.after_step(step, loss_value)
+            else:
+                telemetry.end_step(step, loss_value)
+                plan = None
+                telemetry.after_controller(step, None)
+            if step == run.steps and telemetry.window.steps:
+                telemetry.flush(step)  # the last step is always logged
+            if plan is not None and plan.kind == "switch" and rank == 0:
+                tqdm.write(f"[step {step}] switched {len(plan.ranks)} layers to low rank; "
+                           f"params {params_full['params']:,} -> {count_parameters(backend.unwrapped_model()):,}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
+                metrics = task.evaluate(backend.unwrapped_model())
+                evals.append({"step": step, **metrics})
+                telemetry.log({"event": "eval", "step": step, **metrics})
+                if rank == 0:
+                    tqdm.write(f"[step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if run.checkpoint_every and (step % run.checkpoint_every == 0 or step == run.steps):
+                checkpoint(step)
+        bar.close()
+        if run.export_fp32:
+            with counter.pause():
+                export_fp32(backend, Path(run.out_dir))
+        summary = telemetry.close(report=False, final_eval=evals[-1] if evals else {},
+                                  ranks=dict(controller.ranks) if controller else {},
+                                  skipped_nonfinite_steps=controller.skipped_steps if controller else 0)
+    finally:
+        counter.uninstall()
     if rank == 0:
         from dist_lowrank.telemetry.report import render_markdown, write_report
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from dist_lowrank.backends.base import Backend
 from dist_lowrank.config import LowRankConfig, load_config
 from dist_lowrank.controller import LowRankController
+
+if TYPE_CHECKING:
+    from dist_lowrank.telemetry.session import RunTelemetry
 
 
 def attach(backend: Backend, config: Union[LowRankConfig, dict, str, Path],
@@ -20,13 +23,22 @@ def attach(backend: Backend, config: Union[LowRankConfig, dict, str, Path],
 
     cfg = config if isinstance(config, LowRankConfig) else load_config(config)
     telemetry = library_telemetry(backend, cfg, source="attach")
+    return start_controller(backend, cfg, steps_per_epoch, telemetry)
+
+
+def start_controller(backend: Backend, cfg: LowRankConfig, steps_per_epoch: Optional[int],
+                     telemetry: Optional["RunTelemetry"]) -> Optional[LowRankController]:
+    """The controller with its init measurement (None for `strategy: none`); the telemetry counts training
+    traffic from here on, and a failure while starting closes it so the log says where the run ended."""
+    controller = None
     try:
-        controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
-        controller.start()
+        if cfg.strategy != "none":
+            controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
+            controller.start()
     except BaseException:
-        if telemetry is not None:  # stop counting; the log says where the run ended
+        if telemetry is not None:
             telemetry.close(flush=False, report=False)
         raise
     if telemetry is not None:
-        telemetry.ready()  # the init estimate is not training traffic
+        telemetry.ready()  # engine set-up and the init estimate are not training traffic
     return controller

@@ -115,7 +115,7 @@ def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict,
     step and re-bound to each rebuilt optimizer at its position) or a callable `optimizer -> scheduler`.
     """
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
-    from dist_lowrank.controller import LowRankController
+    from dist_lowrank.api import start_controller
     from dist_lowrank.telemetry.comm import CommCounter
     from dist_lowrank.telemetry.library import library_telemetry, wanted as telemetry_wanted
 
@@ -130,16 +130,6 @@ def initialize(model: nn.Module, optimizer: Any = None, config: Union[str, dict,
                                scheduler_factory=_scheduler_spec(lr_scheduler), model_fn=model_fn, **kwargs)
     telemetry = library_telemetry(backend, lowrank, "deepspeed_api.initialize", counter=counter,
                                   samples_per_step=int(backend.engine.train_batch_size()))
-    controller = None
-    try:
-        if lowrank.strategy != "none":
-            controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
-            controller.start()
-    except BaseException:
-        if telemetry is not None:  # stop counting; the log says where the run ended
-            telemetry.close(flush=False, report=False)
-        raise
-    if telemetry is not None:
-        telemetry.ready()  # engine set-up and the init estimate are not training traffic
+    controller = start_controller(backend, lowrank, steps_per_epoch, telemetry)
     engine = LowRankDeepSpeedEngine(backend, controller, telemetry)
     return engine, engine.engine.optimizer, getattr(backend, "dataloader", None), engine.engine.lr_scheduler

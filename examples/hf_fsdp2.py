@@ -97,10 +97,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None)
     parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
-    dist_backend = "nccl" if torch.cuda.is_available() else "gloo"
     import torch.distributed as dist
 
-    dist.init_process_group(dist_backend)
+    from dist_lowrank.device import bind_local_device, default_dist_backend
+
+    bind_local_device()  # this rank's GPU before the process group (NCCL object collectives use it)
+    dist.init_process_group(default_dist_backend())
     result = main(args.model, args.steps, out_dir=args.out, checkpointing=args.checkpointing)
     if dist.get_rank() == 0:
         print(f"switched at step {result['switch_step']} to ranks {result['ranks']}; "

@@ -85,8 +85,9 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     if args.api == "fsdp2":
-        from dist_lowrank.device import default_dist_backend
+        from dist_lowrank.device import bind_local_device, default_dist_backend
 
+        bind_local_device()  # this rank's GPU before the process group
         dist.init_process_group(default_dist_backend())
         summary = fsdp2_main(args.out, args.steps)
     else:

@@ -94,3 +94,39 @@ def test_inrank_conversion_leaves_the_tied_head_alone():
     to_inrank(model, load_config({"strategy": "inrank", "inrank": {"init_rank": 2}}))
     assert "lm_head" not in inrank_layers(model) and len(inrank_layers(model)) == 7
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_the_tie_holds_after_a_resume_past_the_switch(tmp_path):
+    """RELIABILITY 20: a switched model rebuilt from the saved layout and loaded back keeps the head tied, and
+    training continues as the uninterrupted run does (same losses, bit for bit: one process, same state)."""
+    from dist_lowrank.backends.local_backend import LocalBackend
+    from dist_lowrank.checkpoint.manifest import apply_layout, layout_of
+    from dist_lowrank.plan import Plan
+
+    ids = torch.arange(32).reshape(4, 8) % 50
+
+    def run(resume: bool) -> list[float]:
+        model = gpt2()
+        backend = LocalBackend(model, lambda p: torch.optim.AdamW(p, lr=1e-2))
+        losses = []
+        for step in range(1, 7):
+            loss = backend.model(input_ids=ids, labels=ids).loss
+            backend.backward(loss)
+            backend.step()
+            losses.append(float(loss.detach()))
+            if step == 2:
+                backend.execute(Plan("switch", 2, {"transformer.h.0.attn.c_attn": 4, "transformer.h.0.mlp.c_fc": 4}))
+            if step == 4 and resume:
+                layout, meta = layout_of(backend.module), backend.engine_meta()
+                backend.save_state(tmp_path, "{}")
+                rng = torch.get_rng_state()  # gpt2() seeds; the dropout masks of later steps must not change
+                fresh = apply_layout(gpt2(), layout)
+                torch.set_rng_state(rng)
+                backend = LocalBackend(fresh, lambda p: torch.optim.AdamW(p, lr=1e-2), param_groups=meta["param_groups"])
+                backend.load_state(tmp_path, meta)
+        module = backend.module
+        assert module.lm_head.weight is module.transformer.wte.weight
+        assert type(module.transformer.h[0].attn.c_attn).__name__ != "Conv1D"  # the resumed model is the switched one
+        return losses
+
+    assert run(resume=True) == run(resume=False)

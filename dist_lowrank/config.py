@@ -94,6 +94,16 @@ class SwitchConfig:
     profile_layers: bool = _help("time each candidate dense vs factorized; keep dense where not faster", default=True)
     profile_iters: int = _help("forward+backward passes per candidate when profiling (>= 1)", check=ge(1), default=3)
     min_speedup: float = _help("factorize only if dense_time / factorized_time >= this (> 0)", check=gt(0), default=1.0)
+    rank_search: bool = _help(
+        "with profile_layers: a layer not min_speedup faster at the rule's rank is timed at lower ranks, down to "
+        "the strategy's quality floor (Cuttlefish: ceil(srank)), and takes the largest rank that meets the speed "
+        "target (a per-layer Pareto choice); false = keep such a layer dense", default=False)
+    factor_moments: Literal["zero", "projected"] = _help(
+        "optimizer state of new factors: zero = fresh (step 0, zero moments); projected = W's Adam moments "
+        "projected onto the factors (exp_avg_A = M_W B^T, exp_avg_B = A^T M_W, second moments through the squared "
+        "factors) with W's step count", default="zero")
+    lr_scale: float = _help("learning rate of the new factors relative to the group their layer was in (> 0); "
+                            "schedulers keep scaling it", check=gt(0), default=1.0)
     barrier_timeout_s: float = _help(
         "every rank must reach a reshard within this many seconds of the first; else the straggling ranks are "
         "named in an error on every rank (> 0)", check=gt(0), default=600.0)
@@ -150,10 +160,7 @@ EXTRA_RULES = {
 
 
 # Keys that existed once: a config that still sets one is refused with the reason (not just "unknown key").
-REMOVED_KEYS = {
-    ("switch", "factor_moments"): "removed: it had one value; new factors' optimizer moments always start at zero "
-                                  "(old moments belong to another parameterization); delete the key",
-}
+REMOVED_KEYS: dict[tuple[str, str], str] = {}
 
 
 def _refuse_removed(data: Any, path: str) -> None:

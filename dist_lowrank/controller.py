@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from typing import Any, Callable, Optional
+from dataclasses import replace
 
 import torch
 
@@ -187,10 +188,11 @@ class LowRankController:
     def execute(self, plan: Plan) -> Plan:
         """Filter the plan by measured layer speed, then have the backend reshard (collective)."""
         timing: dict[str, Any] = {}
+        plan = replace(plan, factor_moments=self.cfg.switch.factor_moments, lr_scale=self.cfg.switch.lr_scale)
         if plan.kind == "switch" and self.cfg.switch.profile_layers and plan.ranks:
             plan, timing = keep_dense_where_not_faster(
                 plan, self.modules, self.input_shapes, self.cfg.switch.profile_iters, self.cfg.switch.min_speedup,
-                default_device(), seed=self.cfg.seed)
+                default_device(), seed=self.cfg.seed, rank_search=self.cfg.switch.rank_search)
             plan = self.coordinator.agree(plan)
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)

@@ -19,6 +19,9 @@ class Plan:
     ranks: layer name -> new (active) rank. Layers absent from `ranks` are untouched.
     capacities: layer name -> allocated rank (only for kinds that allocate more than they use).
     reasons: layer name -> human-readable reason a candidate was kept dense or changed (logged).
+    floors: layer name -> the lowest rank the strategy accepts for quality (a speed search may go down to it).
+    factor_moments / lr_scale: how the new factors enter the optimizer ("zero" | "projected"; their lr
+    relative to their layer's group) — the same for every backend.
     """
 
     kind: str
@@ -26,6 +29,9 @@ class Plan:
     ranks: dict[str, int]
     capacities: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    floors: dict[str, int] = field(default_factory=dict)
+    factor_moments: str = "zero"
+    lr_scale: float = 1.0
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, so equal plans give equal bytes on every rank."""

@@ -126,7 +126,7 @@ def plugin_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]],
                                 iters: int, min_speedup: float, device: torch.device,
-                                seed: int = 0) -> tuple[Plan, dict]:
+                                seed: int = 0, rank_search: bool = False) -> tuple[Plan, dict]:
     """Drop layers from the plan whose factorized form is not faster; times averaged over ranks.
 
     Returns the filtered plan (reasons filled in for every candidate) and the timing table.

@@ -1,5 +1,5 @@
 """Accepted keys are used: lowrank.seed drives every random choice, monitor.method exact is exact or refused,
-switch.factor_moments is gone with a named error; the analytic model covers frozen parameters; the step
+the switch keys are documented; the analytic model covers frozen parameters; the step
 window closes cleanly and keeps cold steps out of the throughput."""
 from __future__ import annotations
 
@@ -80,12 +80,6 @@ def test_exact_monitor_is_exact_on_replicated_layers_and_refused_on_shards(monke
     with pytest.raises(ConfigError, match=r"^lowrank\.monitor\.method: 'exact' .*blocks\.0\.attn.*allowed there: "
                                           r"lanczos, power$"):
         RankMonitor("exact").estimate([shard])
-
-
-def test_factor_moments_is_refused_with_its_name():
-    with pytest.raises(ConfigError, match=r"^lowrank\.switch\.factor_moments: removed.*delete the key$"):
-        config_from_dict({"switch": {"factor_moments": "zero"}})
-    assert not hasattr(LowRankConfig().switch, "factor_moments")
 
 
 def test_analytic_model_counts_frozen_parameters_where_they_are_gathered():

@@ -1,13 +1,15 @@
-"""Shared by the benchmarks: the machine they ran on, and one `dist-lowrank train` run in a subprocess."""
+"""Shared by the benchmarks: the machine they ran on, one `dist-lowrank train` run in a subprocess, its
+events, and the median [min–max] the tools print."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +24,32 @@ def train_run(config: Path, overrides: list[str], out: Path, label: str) -> tupl
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text()), json.loads((out / "report.json").read_text())
+
+
+def read_events(out: Path, kind: Optional[str] = None) -> list[dict]:
+    """The run's events.jsonl records (rank 0's log), only those of `kind` (e.g. "eval") when given."""
+    path = Path(out) / "events.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("event") == kind]
+
+
+def median_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The median, or None when a value is missing (a metric one run lacks is not silently dropped)."""
+    if not values or any(v is None for v in values):
+        return None
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[Optional[float]], digits: int = 4) -> str:
+    """`median [min–max]` (just the value when all agree), or "n/a" when a value is missing."""
+    if not values or any(v is None for v in values):
+        return "n/a"
+    med, lo, hi = statistics.median(values), min(values), max(values)
+    if lo == hi:
+        return f"{med:.{digits}g}"
+    return f"{med:.{digits}g} [{lo:.{digits}g}–{hi:.{digits}g}]"
 
 
 def machine() -> dict[str, Any]:

@@ -2,7 +2,8 @@
 smallest settings (real gloo ranks, so marked dist) and write JSON with the expected keys and sane values:
 sharded monitor bytes below a full gather's, counted gather bytes equal to (p-1)/p·4·m·n, Lanczos srank within
 1% of the exact SVD, a switch that takes measurable time and memory, measured comm within 2% of the analytic
-model, and end-to-end ratios computed from the runs they summarize."""
+model, and end-to-end ratios computed from the runs they summarize. The end-to-end arithmetic (time-to-quality,
+ratios, variants) is checked on hand-made records, and bench_step_share.py on a 2-layer 32-wide GPT (unit)."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
 
 
 def _run(tool: str, args: list[str], out: Path) -> dict:
@@ -26,6 +28,7 @@ def _run(tool: str, args: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.dist
 def test_bench_monitor_smallest(tmp_path: Path) -> None:
     data = _run("bench_monitor.py", ["--gpt-backends", "zero2", "--steps", "2", "--estimates", "1", "--warmup", "1",
                                      "--repeats", "1", "--widths", "256", "--width-backends", "fsdp2",
@@ -51,6 +54,7 @@ def test_bench_monitor_smallest(tmp_path: Path) -> None:
     assert row["sharded_s"]["median"] > 0 and row["gathered_s"]["median"] > 0
 
 
+@pytest.mark.dist
 def test_bench_switch_cost_smallest(tmp_path: Path) -> None:
     data = _run("bench_switch_cost.py", ["--backends", "fsdp2", "--layers", "2", "--repeats", "1", "--steps", "2",
                                          "--warmup", "1", "--gpt-backends", ""], tmp_path / "switch.json")
@@ -69,6 +73,7 @@ def test_bench_switch_cost_smallest(tmp_path: Path) -> None:
 TINY = str(ROOT / "tests" / "e2e" / "tiny_gpt.yaml")  # 2 ranks, ZeRO-2, 1-layer GPT, 12 steps
 
 
+@pytest.mark.dist
 def test_bench_comm_tiny(tmp_path: Path) -> None:
     data = _run("bench_comm.py", ["--config", TINY, "--backends", "zero2", "--override", "run.steps=12",
                                   "--override", "run.log_every=2", "--override", "lowrank.monitor.cadence_steps=2",
@@ -80,13 +85,165 @@ def test_bench_comm_tiny(tmp_path: Path) -> None:
     assert row["full_over_low"] == pytest.approx(row["full_measured"] / row["low_measured"])
 
 
+@pytest.mark.dist
 def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
-    data = _run("bench_end_to_end.py", ["--config", TINY, "--variants", "full_rank,cuttlefish", "--override",
-                                        "run.eval_samples=16"], tmp_path / "e2e.json")
-    full, low = data["full_rank"], data["cuttlefish"]
+    data = _run("bench_end_to_end.py", ["--config", TINY, "--variants", "full_rank,cuttlefish", "--repeats", "1",
+                                        "--eval-every", "4", "--override", "run.eval_samples=16",
+                                        "--markdown", str(tmp_path / "rows.md")], tmp_path / "e2e.json")
+    assert data["settings"]["eval_every"] == 4 and data["settings"]["repeats"] == 1
+    assert data["settings"]["variants"]["full_rank"][-1] == "run.eval_every=4"
+    full, low = data["variants"]["full_rank"], data["variants"]["cuttlefish"]
     (f,), (c,) = full["runs"], low["runs"]
     assert f["switch_step"] is None and c["switch_step"] == 8 and c["params"] < f["params"]
     assert low["speedup_wall"] == pytest.approx(f["wall_s"] / c["wall_s"])
     assert low["tokens_ratio"] == pytest.approx(c["tokens_per_s"] / f["tokens_per_s"])
     assert low["val_loss_rel"] == pytest.approx(c["val_loss"] / f["val_loss"] - 1)
     assert all(r["val_loss"] > 0 and r["wall_s"] > 0 for r in (f, c))
+    # the eval events the tool asked for, the last one the final eval
+    for r in (f, c):
+        assert [e["step"] for e in r["evals"]] == [4, 8, 12]
+        assert r["evals"][-1]["val_loss"] == pytest.approx(r["val_loss"])
+    # training time and OOD loss when the runs log them (else n/a: None), ratios from the same runs
+    if f["train_s"] is not None:
+        assert 0 < f["train_s"] <= f["wall_s"] and low["speedup_train"] == pytest.approx(f["train_s"] / c["train_s"])
+        (ttq,) = low["time_to_quality"]
+        assert ttq["target"] == f["val_loss"] and ttq["full_s"] <= f["train_s"]
+        assert ttq["status"] in ("reached", "not reached")
+    else:
+        assert low["speedup_train"] is None and low["time_to_quality"][0]["status"] == "n/a"
+    if f["ood_val_loss"] is not None:
+        assert low["ood_val_loss_rel"] == pytest.approx(c["ood_val_loss"] / f["ood_val_loss"] - 1)
+    table = (tmp_path / "rows.md").read_text()
+    assert "| full_rank |" in table and "| cuttlefish |" in table and "run.eval_samples=16" in table
+
+
+@pytest.mark.unit
+def test_bench_end_to_end_bad_variant_fails_before_any_run() -> None:
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_end_to_end.py"), "--config", TINY, "--variants", "full_rank",
+           "--variant", "typo=lowrank.switch.no_such_key=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "variant typo" in proc.stderr and "no_such_key" in proc.stderr
+    assert "[1/" not in proc.stdout  # nothing was trained
+
+
+def _evals(*points: tuple[int, float, float]) -> list[dict]:
+    return [{"step": s, "val_loss": v, "train_s": t} for s, v, t in points]
+
+
+@pytest.mark.unit
+def test_time_to_quality_first_eval_at_or_below_target() -> None:
+    from bench_end_to_end import NA, NOT_REACHED, REACHED, time_to_quality
+
+    evals = _evals((30, 2.0, 11.0), (10, 3.0, 4.0), (20, 2.5, 7.5))  # out of order: sorted by step
+    assert time_to_quality(evals, 2.5) == (REACHED, 7.5)
+    assert time_to_quality(evals, 2.7) == (REACHED, 7.5)
+    assert time_to_quality(evals, 3.0) == (REACHED, 4.0)
+    assert time_to_quality(evals, 1.9) == (NOT_REACHED, None)
+    assert time_to_quality(evals, None) == (NA, None)
+    assert time_to_quality([], 2.0) == (NA, None)
+    no_time = [{"step": 10, "val_loss": 1.0}]  # runs from before train_s was logged
+    assert time_to_quality(no_time, 2.0) == (NA, None)
+
+
+def _run_record(wall: float, train: float, tokens: float, val: float, ood, evals: list[dict]) -> dict:
+    return {"wall_s": wall, "train_s": train, "tokens_per_s": tokens, "val_loss": val, "ood_val_loss": ood,
+            "params": 100, "switch_step": None, "evals": evals}
+
+
+@pytest.mark.unit
+def test_compare_ratios_and_paired_time_to_quality() -> None:
+    from bench_end_to_end import compare, table_rows, ttq_text
+
+    # full rank reaches its final 2.0 only at the end (20 s, 24 s); the variant reaches 2.0 at 8 s in repeat 0,
+    # at 16 s in repeat 1 (target 1.9 there: full's final loss of that repeat)
+    base = [_run_record(100, 20, 1000, 2.0, 3.0, _evals((10, 2.5, 10), (20, 2.0, 20))),
+            _run_record(120, 24, 1000, 1.9, 3.2, _evals((10, 2.4, 12), (20, 1.9, 24)))]
+    runs = [_run_record(50, 10, 2500, 2.02, 3.1, _evals((10, 2.0, 8), (20, 1.95, 10))),
+            _run_record(70, 14, 1500, 1.96, 3.1, _evals((10, 2.2, 7), (20, 1.9, 16)))]
+    out = compare(base, runs)
+    assert out["speedup_wall"] == pytest.approx(110 / 60)
+    assert out["speedup_train"] == pytest.approx(22 / 12)
+    assert out["tokens_ratio"] == pytest.approx(2000 / 1000)
+    assert out["val_loss_rel"] == pytest.approx(1.99 / 1.95 - 1)
+    assert out["ood_val_loss_rel"] == pytest.approx(3.1 / 3.1 - 1)
+    t0, t1 = out["time_to_quality"]
+    assert (t0["target"], t0["full_s"], t0["seconds"], t0["speedup"]) == (2.0, 20, 8, pytest.approx(2.5))
+    assert (t1["target"], t1["full_s"], t1["seconds"], t1["speedup"]) == (1.9, 24, 16, pytest.approx(1.5))
+    assert out["ttq_speedup"] == pytest.approx(2.0)
+    assert ttq_text(out["time_to_quality"], "speedup") == "2.00x [1.50–2.50]"
+    # full rank against itself: 1x everywhere
+    same = compare(base, base)
+    assert same["speedup_wall"] == 1 and same["ttq_speedup"] == 1 and same["val_loss_rel"] == 0
+    # a variant that never gets there is reported so, not dropped; a missing OOD loss is n/a
+    worse = [_run_record(50, 10, 2500, 2.3, None, _evals((10, 2.6, 5), (20, 2.3, 10)))] * 2
+    out = compare(base, worse)
+    assert out["ttq_speedup"] is None and out["ood_val_loss_rel"] is None
+    assert [t["status"] for t in out["time_to_quality"]] == ["not reached", "not reached"]
+    assert ttq_text(out["time_to_quality"], "speedup") == "not reached"
+    half = compare(base, [runs[0], worse[1]])
+    assert half["ttq_speedup"] is None
+    assert ttq_text(half["time_to_quality"], "speedup") == "2.50x (1/2 not reached)"
+    rows = table_rows({"full_rank": {"runs": base, **same}, "low": {"runs": worse, **out}})
+    assert len(rows) == 4 and rows[0].count("|") == rows[1].count("|") == rows[3].count("|")
+    assert "| not reached | not reached |" in rows[3] and "| n/a |" in rows[3]  # OOD n/a
+
+
+@pytest.mark.unit
+def test_parse_variant_and_spread() -> None:
+    from bench_common import median_or_none, spread
+    from bench_end_to_end import parse_variant
+
+    assert parse_variant("cf_proj=lowrank.switch.factor_moments=projected run.lr=0.001") == \
+        ("cf_proj", ["lowrank.switch.factor_moments=projected", "run.lr=0.001"])
+    assert parse_variant("plain=") == ("plain", [])
+    for bad, word in (("nokey", "expected NAME"), ("cuttlefish=run.lr=1", "built-in"), ("x=run.lr", "key=value"),
+                      ("a b=run.lr=1", "expected NAME")):
+        with pytest.raises(SystemExit, match=word):
+            parse_variant(bad)
+    assert spread([3.0, 1.0, 2.0]) == "2 [1–3]" and spread([2.5, 2.5]) == "2.5" and spread([1.0, None]) == "n/a"
+    assert median_or_none([1.0, 3.0]) == 2.0 and median_or_none([1.0, None]) is None and median_or_none([]) is None
+
+
+@pytest.mark.unit
+def test_step_share_arithmetic() -> None:
+    from bench_step_share import amdahl_bound, rank_at
+
+    assert amdahl_bound(0.5) == pytest.approx(2.0)
+    assert amdahl_bound(0.5, 2.0) == pytest.approx(1 / 0.75)
+    assert amdahl_bound(0.0, 10.0) == 1.0 and amdahl_bound(1.0, 4.0) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        amdahl_bound(1.5)
+    assert rank_at(0.25, 128, 512) == 32 and rank_at(0.5, 96, 32) == 16 and rank_at(0.01, 32, 32) == 1
+
+
+@pytest.mark.unit
+def test_bench_step_share_two_layer_32_wide(tmp_path: Path) -> None:
+    out = tmp_path / "share.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_step_share.py"), "--iters", "3", "--warmup", "1",
+           "--rank-ratio", "0.25,0.5", "--json", str(out)]
+    for item in ("run.n_layer=2", "run.n_embd=32", "run.n_head=2", "run.block_size=32", "run.batch_size=4"):
+        cmd += ["--override", item]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["threads"] == 1 and data["settings"]["n_embd"] == 32
+    # the config's targets (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) in both blocks; lm_head not targeted
+    assert len(data["targeted"]) == 8 and "lm_head" not in data["targeted"] and data["skipped_targets"] == []
+    fc = data["layers"]["h.0.mlp.c_fc"]
+    assert fc["targeted"] and fc["shape"] == [128, 32] and fc["input"] == [4, 32, 32]
+    assert fc["r=0.25"]["rank"] == 8 and fc["r=0.5"]["rank"] == 16
+    assert not data["layers"]["lm_head"]["targeted"]
+    targeted = sum(r["dense_s"] for r in data["layers"].values() if r["targeted"])
+    assert data["targeted_dense_s"] == pytest.approx(targeted) and targeted > 0
+    assert data["share"] == pytest.approx(min(1.0, targeted / data["step"]["step_s"]))
+    assert 0 < data["share"] <= 1 and data["amdahl_bound_free_layers"] == pytest.approx(1 / (1 - data["share"]))
+    step = data["step"]
+    assert step["forward_s"] > 0 and step["backward_s"] > 0 and step["optimizer_s"] > 0
+    for key in ("r=0.25", "r=0.5"):
+        row = data["ratios"][key]
+        assert row["params"] < data["params"]
+        assert row["layer_speedup"] == pytest.approx(targeted / row["layers_factorized_s"])
+        assert row["amdahl_step_speedup"] == pytest.approx(1 / (1 - data["share"] + data["share"] / row["layer_speedup"]))
+        assert row["measured_step_speedup"] == pytest.approx(step["step_s"] / row["step"]["step_s"])
+    assert data["ratios"]["r=0.25"]["params"] < data["ratios"]["r=0.5"]["params"]
+    assert "Amdahl" in proc.stdout and "| 0.25 |" in proc.stdout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from dist_lowrank.errors import DistLowRankError
 
@@ -100,6 +100,7 @@ def build_report(events: list[dict[str, Any]]) -> dict[str, Any]:
 
     estimates = [e for e in events if e["event"] == "estimate"]
     return {
+        "end_to_end_vs_own_full_pace": _own_pace_speedup(summary, full),
         "summary": {k: summary.get(k) for k in ("task", "backend", "world_size", "strategy", "steps",
                                                  "wall_seconds", "switch_step", "params_full", "params_final",
                                                  "trainable_params_full", "trainable_params_final", "final_eval")},
@@ -115,6 +116,17 @@ def build_report(events: list[dict[str, Any]]) -> dict[str, Any]:
                                for name in (estimates[0]["sranks"] if estimates else {})},
         "changes": [{"step": e["step"], "event": e["event"], "ranks": e.get("ranks", {})} for e in changes],
     }
+
+
+def _own_pace_speedup(summary: dict[str, Any], full: dict[str, Any]) -> Optional[float]:
+    """steps × the run's own full-rank step time / its training time: the end-to-end speed-up over training
+    every step at the pre-switch pace. An estimate from one run (the full-rank phase is the reference); a
+    separately run full-rank job (`make baseline`, tools/bench_end_to_end.py) is the measurement."""
+    train_s = (summary.get("final_eval") or {}).get("train_s") or summary.get("wall_seconds")
+    step_time, steps = full.get("step_time"), summary.get("steps")
+    if not (train_s and step_time and steps) or summary.get("switch_step") is None:
+        return None
+    return steps * step_time / train_s
 
 
 def _fmt(value: Any, digits: int = 0) -> str:
@@ -137,7 +149,10 @@ def render_markdown(report: dict[str, Any]) -> str:
              "- final evaluation: " + (", ".join(f"{k} {v:.4f}" for k, v in (s["final_eval"] or {}).items()
                                                  if k != "step") or "–"),
              f"- communication per step, full / low rank: {_fmt(report['comm_full_over_low'], 2)}×; "
-             f"throughput low / full: {_fmt(report['throughput_low_over_full'], 2)}×", "",
+             f"throughput low / full (after the switch vs before): {_fmt(report['throughput_low_over_full'], 2)}×",
+             f"- end to end vs training every step at this run's full-rank pace: "
+             f"{_fmt(report.get('end_to_end_vs_own_full_pace'), 2)}× (estimate; the measured comparison with a "
+             f"full-rank run is tools/bench_end_to_end.py)", "",
              "## Per phase (medians over steady-state log windows)", "",
              "| phase | params | trainable | samples/s | tokens/s | step s | comm B/step measured | comm B/step analytic |",
              "|---|---|---|---|---|---|---|---|"]

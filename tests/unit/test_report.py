@@ -61,7 +61,11 @@ def test_report_numbers_match_the_logs(run_dir):
     assert ranks == summary["ranks"]
     per_rank = report["switch"]["cost"]["per_rank"]
     assert len(per_rank) == 1 and per_rank[0]["seconds"] == report["switch"]["cost"]["seconds"]
+    train_s = (summary["final_eval"] or {}).get("train_s") or summary["wall_seconds"]
+    assert report["end_to_end_vs_own_full_pace"] == pytest.approx(
+        summary["steps"] * report["phases"]["full"]["step_time"] / train_s)
     markdown = (run_dir / "report.md").read_text()
+    assert f"{report['end_to_end_vs_own_full_pace']:,.2f}× (estimate" in markdown
     assert f"{summary['params_full']:,}" in markdown and f"switch at step {summary['switch_step']}" in markdown
     import matplotlib.image
 

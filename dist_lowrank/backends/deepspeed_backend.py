@@ -48,7 +48,7 @@ from dist_lowrank.faults import maybe_fault
 from dist_lowrank.backends.optim_state import embed_state
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread, layer_fetcher
+from dist_lowrank.reshard import factorize_spread, layer_fetcher, projected_factor_states
 from dist_lowrank.shard_view import ShardView, replicated_view
 from dist_lowrank.surgery import count_parameters, replace_module
 
@@ -269,6 +269,7 @@ class DeepSpeedBackend(Backend):
         biases: dict[str, Optional[torch.Tensor]] = {}
         fetch = layer_fetcher(modules, _full_fp32, biases)
         factors = factorize_spread(names, plan.ranks, fetch, dtype=torch.float32, device=comm_device())
+        states = self._projected_states(names, modules, factors) if plan.factor_moments == "projected" else {}
         replacements, values = {}, {}
         for name in names:
             a, b = factors[name]
@@ -277,8 +278,25 @@ class DeepSpeedBackend(Backend):
             if biases[name] is not None:
                 values[f"{name}.second.bias"] = biases[name]
         del modules, factors
-        # The dense layers' parameters leave; the factors get a param group of their own (Adam step 0).
-        return self._rebuild(replacements, values, {}, new_group=True)
+        # The dense layers' parameters leave; the factors get a param group of their own: Adam step 0 (zero
+        # moments) or, projected, the source group's step with the projected moments.
+        return self._rebuild(replacements, values, states, new_group=True, lr_scale=plan.lr_scale,
+                             carry_steps=bool(states))
+
+    def _projected_states(self, names: list[str], modules: dict, factors: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """Full projected moments of every new parameter, on every rank (`safe_get_full_optimizer_state` is an
+        all-reduce of the fragments on ZeRO-1/2, a gather on ZeRO-3: every rank calls it in the same order);
+        `_write_full` then keeps this rank's fragment / partition. {} before the first optimizer step."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        if self._group_steps()[0] is None:
+            return {}
+        self._relink_optimizer_state()
+
+        def read(_name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {k: safe_get_full_optimizer_state(param, k).detach().float() for k in MOMENTS}
+
+        return projected_factor_states(names, modules, factors, read)
 
     def _grow(self, plan: Plan) -> dict[str, Any]:
         """InRank layers past capacity: bigger U, V (old block kept, new U columns zero) and their moments
@@ -305,10 +323,13 @@ class DeepSpeedBackend(Backend):
         return self._rebuild(replacements, values, states, new_group=False)
 
     def _rebuild(self, replacements: dict[str, nn.Module], values: dict[str, torch.Tensor],
-                 states: dict[str, dict[str, torch.Tensor]], new_group: bool) -> dict[str, Any]:
+                 states: dict[str, dict[str, torch.Tensor]], new_group: bool, lr_scale: float = 1.0,
+                 carry_steps: bool = False) -> dict[str, Any]:
         """Swap modules, build a new engine, and put every fp32 master and Adam moment in place.
 
         values: full fp32 masters of the parameters that changed; states: their full moments (absent ⇒ zero).
+        Companion groups (new_group) start at step 0, or at their source group's step with carry_steps
+        (projected moments); their lr is the source's × lr_scale.
         """
         module = self.engine.module
         params_before = count_parameters(module)
@@ -335,9 +356,9 @@ class DeepSpeedBackend(Backend):
             gc.collect()
             named = dict(module.named_parameters())
             # A switch's factors go to companion groups (step 0); grown U, V keep their names, groups and steps.
-            self.layout, origins = self.layout.rebase(layers, named, companions=new_group)
-            group_steps = [None if steps[0] is None else torch.zeros_like(steps[0]) if o.fresh else steps[o.source]
-                           for o in origins]
+            self.layout, origins = self.layout.rebase(layers, named, companions=new_group, lr_scale=lr_scale)
+            group_steps = [None if steps[0] is None else torch.zeros_like(steps[0]) if o.fresh and not carry_steps
+                           else steps[o.source].clone() for o in origins]
             maybe_fault("rebuild")
             client = rebuilt_optimizer(self.optimizer_factory, self.layout, named) if self.optimizer_factory else None
             rebind = None if scheduler is None else (lambda opt: rebind_scheduler(scheduler, opt, origins, n_old))

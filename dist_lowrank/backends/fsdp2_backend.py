@@ -37,7 +37,7 @@ from dist_lowrank.errors import CheckpointError, DistLowRankError
 from dist_lowrank.faults import maybe_fault
 from dist_lowrank.layers import InRankLinear, empty_factorized
 from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread, layer_fetcher
+from dist_lowrank.reshard import factorize_spread, layer_fetcher, projected_factor_states
 from dist_lowrank.shard_view import ShardView, replicated_view
 from dist_lowrank.surgery import clean_name, count_parameters, replace_module
 
@@ -104,19 +104,21 @@ class FSDP2Backend(Backend):
             sources, states = self._grow_sources(plan)
             layers, replaced = len(plan.capacities), []  # grown U, V keep their names (and groups)
         else:
-            sources, states = self._switch_sources(plan), {}
+            sources, states = self._switch_sources(plan)
             layers, replaced = len(plan.ranks), sorted(plan.ranks)
         # Local work only from here on (skeleton, fully_shard on meta, shard copies, optimizer): shared failure.
         with Coordinator().shared_failure(f"{plan.kind} rebuild (sharded model, optimizer transplant)"):
-            self._rebuild(sources, states, replaced)
+            self._rebuild(sources, states, replaced, lr_scale=plan.lr_scale if plan.kind != "grow" else 1.0)
         del sources, states
         gc.collect()
         return {"seconds": time.perf_counter() - start, "params_before": params_before,
                 "params_after": count_parameters(self.model), "layers": layers, "peak_rss_mb": peak_rss_mb(),
                 "peak_rss_growth_mb": peak_rss_mb() - rss_before}
 
-    def _switch_sources(self, plan: Plan) -> dict[str, torch.Tensor]:
-        """Full factors (and biases) of every switched layer: one layer gathered at a time, SVDs spread."""
+    def _switch_sources(self, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """Full factors (and biases) of every switched layer: one layer gathered at a time, SVDs spread;
+        with factor_moments: projected, their full projected states too (W's DTensor moments gathered one
+        layer at a time on every rank; `_rebuild` keeps each rank's shard)."""
         modules = dict(self.model.named_modules())
         names = sorted(plan.ranks)
         biases: dict[str, Optional[torch.Tensor]] = {}
@@ -130,7 +132,16 @@ class FSDP2Backend(Backend):
             if biases[name] is not None:
                 sources[f"{name}.second.bias"] = biases[name]
             self.replacements[name] = partial(_factorized_like, rank=plan.ranks[name])
-        return sources
+        states: dict[str, dict] = {}
+        if plan.factor_moments == "projected":
+            optimizer = self.optimizer
+
+            def read(_name: str, param: torch.Tensor) -> Optional[dict]:
+                state = optimizer.state.get(param)
+                return {k: _full(v).detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else None
+
+            states = projected_factor_states(names, modules, factors, read)
+        return sources, states
 
     def _grow_sources(self, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         """InRank layers past capacity: full U, V (small) and their moments, grown."""
@@ -150,7 +161,7 @@ class FSDP2Backend(Backend):
         return sources, states
 
     def _rebuild(self, sources: dict[str, torch.Tensor], full_states: dict[str, dict],
-                 replaced: list[str]) -> None:
+                 replaced: list[str], lr_scale: float = 1.0) -> None:
         """New sharded model from the skeleton: untouched shards copied, `sources` distributed, optimizer
         state carried (untouched: local shards bit for bit; `full_states`: distributed), the param groups of
         the `replaced` layers' parameters passed on to their successors. The old model and optimizer are
@@ -173,12 +184,14 @@ class FSDP2Backend(Backend):
         self.model = self.optimizer = self.scheduler = None
         del old, old_named, untouched, old_inrank
         self.model = new
-        self.layout, _ = self.layout.rebase(layers, new_named, companions=False)
-        self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, new_named, snapshot, scheduler)
+        companions = lr_scale != 1.0  # a factor lr of its own needs a group of its own
+        self.layout, origins = self.layout.rebase(layers, new_named, companions=companions, lr_scale=lr_scale)
+        self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, new_named, snapshot, scheduler,
+                                           origins if companions else None)
         self.scheduler = scheduler
         for name, state in full_states.items():
             param = new_named[name]
-            self.optimizer.state[param] = {key: _shard_like(value, param) for key, value in state.items()}
+            self.optimizer.state[param] = {key: _shard_like(_shaped(value, param), param) for key, value in state.items()}
 
     # -- checkpoints: torch.distributed.checkpoint (sharded files, resharded on load) ------------------
     def save_state(self, directory: Path, manifest_json: str) -> None:
@@ -286,6 +299,11 @@ def _row_offset(name: str, param: DTensor, local: torch.Tensor) -> int:
 def full_states_layers(full_states: dict[str, dict]) -> set[str]:
     """Layer names whose parameters are rebuilt from full states (their width comes from the plan)."""
     return {name.rpartition(".")[0] for name in full_states}
+
+
+def _shaped(value: Any, param: torch.Tensor) -> Any:
+    """A full state tensor in its parameter's (global) shape: projected factor states come as matrices."""
+    return value.reshape(param.shape) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
 
 def _shard_like(value: Any, param: torch.Tensor) -> Any:

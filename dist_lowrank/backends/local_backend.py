@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.optim_state import (embed_state, group_hyperparams, rebuild_optimizer,
+from dist_lowrank.backends.optim_state import (embed_state, group_hyperparams, install_states, rebuild_optimizer,
                                                restore_group_hyperparams, snapshot_state, transplant_state)
 from dist_lowrank.backends.param_groups import (GroupLayout, OptimizerSpec, SchedulerSpec, bind_scheduler,
                                                 first_optimizer, optimizer_recipe)
@@ -25,7 +25,7 @@ from dist_lowrank.device import comm_device
 from dist_lowrank.errors import CheckpointError
 from dist_lowrank.faults import maybe_fault
 from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread, layer_fetcher
+from dist_lowrank.reshard import factorize_spread, layer_fetcher, projected_factor_states
 from dist_lowrank.shard_view import ShardView, replicated_view
 from dist_lowrank.surgery import apply_rank_plan, count_parameters, replace_module
 
@@ -71,7 +71,9 @@ class LocalBackend(Backend):
         return [replicated_view(name, params[name]) for name in names]
 
     def execute(self, plan: Plan) -> dict[str, Any]:
-        """Factorize plan.ranks (owner-rank SVDs, broadcast), rebuild wrapper and optimizer, keep state."""
+        """Factorize plan.ranks (owner-rank SVDs, broadcast), rebuild wrapper and optimizer, keep state.
+        New factors start as plan.factor_moments says (optim_state's docstring); lr_scale != 1 puts them in
+        companion groups with the scaled lr (the optimizer keeps a step per parameter, so no other reason)."""
         if plan.kind == "grow":
             return self._grow(plan)
         start = time.perf_counter()
@@ -89,6 +91,10 @@ class LocalBackend(Backend):
         with Coordinator().shared_failure("switch rebuild (module surgery, optimizer transplant)"):
             untouched = {n: p for n, p in self.module.named_parameters() if n not in changed}
             snapshot = snapshot_state(self.optimizer, untouched)
+            optimizer = self.optimizer
+            projected = (projected_factor_states(names, modules, factors, lambda _n, p: optimizer.state.get(p))
+                         if plan.factor_moments == "projected" else {})
+            del optimizer
             self.layout.refresh(self.optimizer.param_groups)
             scheduler = self.scheduler
             self.release()
@@ -96,8 +102,11 @@ class LocalBackend(Backend):
             del modules, factors
             maybe_fault("rebuild")
             named = dict(self.module.named_parameters())
-            self.layout, _ = self.layout.rebase(layers, named, companions=False)
-            self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, named, snapshot, scheduler)
+            companions = plan.lr_scale != 1.0
+            self.layout, origins = self.layout.rebase(layers, named, companions=companions, lr_scale=plan.lr_scale)
+            self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, named, snapshot, scheduler,
+                                               origins if companions else None)
+            install_states(self.optimizer, named, projected)
             self.scheduler = scheduler
         self.model = self.wrap(self.module)
         gc.collect()

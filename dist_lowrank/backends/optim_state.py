@@ -4,15 +4,23 @@ Untouched parameters keep every state tensor bit for bit, whatever the optimizer
 (Adam/AdamW: step, exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad; SGD: momentum_buffer); DTensor
 states (FSDP2) are carried as they are, i.e. each rank keeps its own local shard.
 
-New parameters (the factors) get *no* state. torch's Adam keeps a per-parameter step and creates the
-state lazily at the parameter's first update: zero moments and step 0, so its bias correction
-(1 - beta^t with the parameter's own t) treats them as the fresh parameters they are. Giving them the
-global step instead would switch the bias correction off while the zero-started exp_avg_sq is still far
-too small: with the default betas their early updates would come out 3x (first step) to 6.5x (tenth
-step) larger than Adam's normal lr-sized steps, right after a spectral init that should be disturbed
-least. Copying W's moments is not possible either: they belong to another parameterization with no
-exact image in the factors. Leaving the state to the optimizer also works
-for any torch optimizer without knowing its private state layout (fused/capturable step tensors).
+New parameters (the factors) enter as the switch's `factor_moments` says (the same on every backend):
+
+* `zero` (default): *no* state. torch's Adam keeps a per-parameter step and creates the state lazily at the
+  parameter's first update: zero moments and step 0, so its bias correction (1 - beta^t with the parameter's
+  own t) treats them as the fresh parameters they are. Giving them the global step instead would switch the
+  bias correction off while the zero-started exp_avg_sq is still far too small: with the default betas their
+  early updates would come out 3x (first step) to 6.5x (tenth step) larger than Adam's normal lr-sized
+  steps, right after a spectral init that should be disturbed least. Works for any torch optimizer without
+  knowing its private state layout (fused/capturable step tensors).
+* `projected`: W's moments carried into the factors' parameterization (linalg/moments.py): with A, B the
+  factors at the switch, exp_avg_A = M Bᵀ, exp_avg_B = Aᵀ M (exact: the EMA of the gradients the factors
+  would have had), exp_avg_sq_A = V (B∘B)ᵀ, exp_avg_sq_B = (A∘A)ᵀ V (a diagonal approximation: the cross
+  terms Adam never kept are dropped), the bias's state as it was, and the factors' step = W's step, so the
+  bias correction matches the carried moments. Keys follow Adam's names (exp_avg_sq, max_exp_avg_sq squared, other W-shaped
+  tensors linear, scalars copied); an optimizer with other state keys gets them projected linearly.
+
+`lr_scale` (rebase in param_groups) puts the factors in companion groups whose lr is their origin group's × it.
 """
 from __future__ import annotations
 
@@ -62,6 +70,16 @@ def transplant_state(optimizer: torch.optim.Optimizer, named_params: dict[str, n
                 raise DistLowRankError(f"{name}: optimizer state {key} has shape {tuple(value.shape)}, "
                                        f"parameter has {tuple(param.shape)}")
         optimizer.state[param] = dict(state)
+
+
+def install_states(optimizer: torch.optim.Optimizer, named_params: dict[str, nn.Parameter],
+                   states: dict[str, dict]) -> None:
+    """Install full-tensor states (factor_moments: projected) for the named new parameters, each tensor
+    reshaped to its parameter (the factors' states come in matrix form, a Conv2d factor is 4-D)."""
+    for name, state in states.items():
+        param = named_params[name]
+        optimizer.state[param] = {k: v.reshape(param.shape).to(param.device) if isinstance(v, torch.Tensor)
+                                  and v.dim() > 0 else v for k, v in state.items()}
 
 
 def rebuild_optimizer(recipe: Callable, layout: GroupLayout, named_params: dict[str, nn.Parameter],

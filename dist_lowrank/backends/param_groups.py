@@ -44,10 +44,19 @@ class ParamGroup:
 
 @dataclass
 class Origin:
-    """Where a group of a rebased layout comes from: old group `source`; `fresh` for a companion group."""
+    """Where a group of a rebased layout comes from: old group `source`; `fresh` for a companion group;
+    `lr_scale`: the factor its lr (and the scheduler's per-group lr lists) carries relative to the source."""
 
     source: int
     fresh: bool = False
+    lr_scale: float = 1.0
+
+
+# Group keys and scheduler per-group lists that are learning rates, scaled for a companion with lr_scale != 1
+# (torch LambdaLR/cosine keep base_lrs; OneCycleLR keeps max_lr/min_lr in the group; DeepSpeed's WarmupLR
+# min_lrs/delta_lrs), so a scheduler keeps scaling the companion's lr after the switch.
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+_LR_LISTS = ("base_lrs", "_last_lr", "min_lrs", "max_lrs", "delta_lrs")
 
 
 def _clone(value: Any) -> Any:
@@ -116,11 +125,14 @@ class GroupLayout:
 
     # -- a layer replaced ---------------------------------------------------------------------------
     def rebase(self, layers: dict[str, list[str]], present: Iterable[str],
-               companions: bool) -> tuple["GroupLayout", list[Origin]]:
+               companions: bool, lr_scale: float = 1.0) -> tuple["GroupLayout", list[Origin]]:
         """The layout after the layers in `layers` (layer name -> its old parameter names) were replaced;
         `present` are the rebuilt model's parameter names. A name kept keeps its group; a new name under a
-        replaced layer joins its source's group (companions=False) or a companion group of it (True);
-        groups left empty are dropped. Returns the layout and, per new group, its origin."""
+        replaced layer joins its source's group (companions=False) or a companion group of it (True), whose
+        learning rates (_LR_KEYS) are the source's × lr_scale; groups left empty are dropped. Returns the
+        layout and, per new group, its origin."""
+        if lr_scale != 1.0 and not companions:
+            raise DistLowRankError(f"lr_scale: {lr_scale} needs the new factors in groups of their own (companions)")
         present = list(present)
         group_of = {n: i for i, g in enumerate(self.groups) for n in g.names}
         alive = set(present)
@@ -145,8 +157,11 @@ class GroupLayout:
                 origins.append(Origin(index))
         if companions:
             for index in sorted(arrivals):
-                groups.append(ParamGroup(arrivals[index], dict(self.groups[index].hyper)))
-                origins.append(Origin(index, fresh=True))
+                hyper = dict(self.groups[index].hyper)
+                if lr_scale != 1.0:
+                    hyper.update({k: _scaled(hyper[k], lr_scale) for k in _LR_KEYS if k in hyper})
+                groups.append(ParamGroup(arrivals[index], hyper))
+                origins.append(Origin(index, fresh=True, lr_scale=lr_scale))
         return GroupLayout(groups), origins
 
     @staticmethod
@@ -282,11 +297,20 @@ def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origins: 
     return scheduler
 
 
+def _scaled(value: Any, scale: float) -> Any:
+    """A learning rate (number or scalar tensor) times `scale`; anything else as it is."""
+    return value * scale if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool) else value
+
+
 def _remap(scheduler: Any, optimizer: torch.optim.Optimizer, origins: list[Origin], n_old: int) -> None:
     for child in getattr(scheduler, "_schedulers", None) or ():
         _remap(child, optimizer, origins, n_old)
     for key, value in list(vars(scheduler).items()):
         if key not in _NOT_PER_GROUP and isinstance(value, list) and len(value) == n_old and n_old:
-            setattr(scheduler, key, [value[o.source] for o in origins])
+            if key in _LR_LISTS:
+                setattr(scheduler, key, [_scaled(value[o.source], o.lr_scale) if o.lr_scale != 1.0 else value[o.source]
+                                         for o in origins])
+            else:
+                setattr(scheduler, key, [value[o.source] for o in origins])
     if hasattr(scheduler, "optimizer"):
         scheduler.optimizer = optimizer

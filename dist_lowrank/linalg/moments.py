@@ -30,7 +30,7 @@ def project_state(state: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[dict, 
 
     Second-moment keys (SQUARED_KEYS) are projected with the squared factors, every other m×n tensor
     linearly (exp_avg, SGD's momentum_buffer); scalars (Adam's `step`) are copied to both, so the bias
-    correction matches the carried moments. Computed in fp32 at least; returned in each state's dtype.
+    correction matches the carried moments. Computed in fp32 at least, on the moment's device; returned in each state's dtype.
     """
     m, n = a.shape[0], b.shape[1]
     out_a: dict = {}
@@ -40,7 +40,7 @@ def project_state(state: dict, a: torch.Tensor, b: torch.Tensor) -> tuple[dict, 
             if tuple(value.shape) != (m, n):
                 raise ValueError(f"{key}: moment of shape {tuple(value.shape)}, factors give a {m}x{n} weight")
             compute = torch.promote_types(value.dtype, torch.float32)
-            fa, fb, mv = a.to(compute), b.to(compute), value.to(compute)
+            fa, fb, mv = a.to(value.device, compute), b.to(value.device, compute), value.to(compute)
             pa, pb = (project_squared if key in SQUARED_KEYS else project_linear)(mv, fa, fb)
             out_a[key], out_b[key] = pa.to(value.dtype), pb.to(value.dtype)
         else:

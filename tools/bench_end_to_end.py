@@ -146,7 +146,9 @@ def _switch(runs: list[dict]) -> str:
     steps = [r["switch_step"] for r in runs if r.get("switch_step") is not None]
     if not steps:
         return "—"
-    return str(steps[0]) if min(steps) == max(steps) else f"{int(statistics.median(steps))} [{min(steps)}–{max(steps)}]"
+    if min(steps) == max(steps):
+        return str(steps[0])
+    return f"{int(statistics.median(steps))} [{min(steps)}–{max(steps)}]"
 
 
 HEADER = ("| variant | wall s | train s | tokens/s after switch | val loss | OOD val loss | params | switch step "
@@ -163,32 +165,36 @@ def table_rows(table: dict[str, dict]) -> list[str]:
                                                      "ood_val_loss", "params")}
         has_base = row.get("speedup_wall") is not None
         ttq = row.get("time_to_quality", [])
+        params = int(statistics.median(col["params"]))
+        ttq_s, ttq_x = (ttq_text(ttq, "seconds"), ttq_text(ttq, "speedup")) if has_base else (NA, NA)
         lines.append(
             f"| {name} | {spread(col['wall_s'])} | {spread(col['train_s'])} | {spread(col['tokens_per_s'])} "
-            f"| {spread(col['val_loss'])} | {spread(col['ood_val_loss'])} | {int(statistics.median(col['params'])):,} "
+            f"| {spread(col['val_loss'])} | {spread(col['ood_val_loss'])} | {params:,} "
             f"| {_switch(runs)} | {_x(row.get('speedup_wall'))} | {_x(row.get('speedup_train'))} "
             f"| {_x(row.get('tokens_ratio'))} | {_pct(row.get('val_loss_rel'))} | {_pct(row.get('ood_val_loss_rel'))} "
-            f"| {ttq_text(ttq, 'seconds') if has_base else 'n/a'} | {ttq_text(ttq, 'speedup') if has_base else 'n/a'} |")
+            f"| {ttq_s} | {ttq_x} |")
     return lines
 
 
-def verdicts(table: dict[str, dict]) -> list[str]:
-    """Issue 14's targets, checked on the medians (Cuttlefish: ≥ 1.5× wall, val loss within 2%, ≥ 2× tokens/s,
-    ≥ 1.5× time-to-quality; InRank: ≥ 1.3× wall, val loss within 2%)."""
+def verdicts(table: dict[str, dict], strategies: dict[str, str]) -> list[str]:
+    """Issue 14's targets on the medians, per variant by its strategy (Cuttlefish and the others: ≥ 1.5× wall,
+    val loss within 2%, ≥ 2× tokens/s, ≥ 1.5× time-to-quality; InRank: ≥ 1.3× wall, val loss within 2%)."""
     def ok(value: Optional[float], test) -> str:
-        return "n/a" if value is None else ("met" if test(value) else "NOT met")
+        return NA if value is None else ("met" if test(value) else "NOT met")
 
     lines = []
-    if "cuttlefish" in table and BASE in table:
-        r = table["cuttlefish"]
-        lines.append(f"cuttlefish: wall >= 1.5x {ok(r['speedup_wall'], lambda v: v >= 1.5)}; val loss within 2% "
-                     f"{ok(r['val_loss_rel'], lambda v: v <= 0.02)}; tokens/s >= 2x "
-                     f"{ok(r['tokens_ratio'], lambda v: v >= 2)}; time-to-quality >= 1.5x "
-                     f"{ok(r['ttq_speedup'], lambda v: v >= 1.5) if r['ttq_speedup'] is not None else ttq_text(r['time_to_quality'], 'speedup')}")
-    if "inrank" in table and BASE in table:
-        r = table["inrank"]
-        lines.append(f"inrank: wall >= 1.3x {ok(r['speedup_wall'], lambda v: v >= 1.3)}; val loss within 2% "
-                     f"{ok(r['val_loss_rel'], lambda v: v <= 0.02)}")
+    for name, r in table.items():
+        if name == BASE or "speedup_wall" not in r or strategies.get(name) == "none":
+            continue
+        line = f"{name}: wall >= {1.3 if strategies.get(name) == 'inrank' else 1.5}x "
+        if strategies.get(name) == "inrank":
+            line += ok(r["speedup_wall"], lambda v: v >= 1.3)
+        else:
+            ttq = ok(r["ttq_speedup"], lambda v: v >= 1.5) if r["ttq_speedup"] is not None \
+                else ttq_text(r["time_to_quality"], "speedup")
+            line += (f"{ok(r['speedup_wall'], lambda v: v >= 1.5)}; tokens/s >= 2x "
+                     f"{ok(r['tokens_ratio'], lambda v: v >= 2)}; time-to-quality >= 1.5x {ttq}")
+        lines.append(line + f"; val loss within 2% {ok(r['val_loss_rel'], lambda v: v <= 0.02)}")
     return lines
 
 
@@ -213,7 +219,8 @@ def main() -> None:
     extra = dict(parse_variant(spec) for spec in args.variant)
     unknown = [n for n in unknown if n not in extra]
     if unknown:
-        raise SystemExit(f"bench_end_to_end: --variants {unknown} unknown; allowed {list(VARIANTS)} or a --variant NAME")
+        raise SystemExit(f"bench_end_to_end: --variants {unknown} unknown; allowed {list(VARIANTS)} or a "
+                         f"--variant NAME")
     variants.update(extra)
     if args.repeats < 1:
         raise SystemExit(f"bench_end_to_end: --repeats {args.repeats}; allowed: >= 1")
@@ -225,9 +232,10 @@ def main() -> None:
     if eval_every < 1:
         raise SystemExit(f"bench_end_to_end: --eval-every {eval_every}; allowed: >= 1")
     overrides = {name: items + args.override + [f"run.eval_every={eval_every}"] for name, items in variants.items()}
+    strategies = {}
     for name, items in overrides.items():
         try:
-            load_train_config(args.config, items)
+            strategies[name] = load_train_config(args.config, items)[1].strategy
         except Exception as exc:  # ConfigError names the key
             raise SystemExit(f"bench_end_to_end: variant {name}: {exc}") from None
 
@@ -251,7 +259,7 @@ def main() -> None:
     table = {name: {"runs": runs, **(compare(base, runs) if base else {})} for name, runs in results.items()}
     lines = table_rows(table)
     print("\n" + "\n".join(lines))
-    checks = verdicts(table)
+    checks = verdicts(table, strategies)
     print("\ntargets (issue 14): " + ("\n  ".join([""] + checks) if checks else "need full_rank and a strategy"))
     settings = {"config": str(args.config), "overrides": args.override, "repeats": args.repeats,
                 "eval_every": eval_every, "steps": base_run.steps, "variants": overrides}

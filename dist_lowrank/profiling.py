@@ -155,6 +155,20 @@ def search_ranks(planned: int, floor: int, count: int = SEARCH_CANDIDATES,
     return sorted(set(out), reverse=True)
 
 
+def _timing_key(module: nn.Module, shape: tuple[int, ...], rank: Optional[int]) -> tuple:
+    """What a stand-in's time depends on: its kind and dimensions, the input's shape, dtype and autocast,
+    and the rank (None = dense)."""
+    if isinstance(module, nn.Conv2d):
+        dims: tuple = ("conv2d", module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                       module.padding, module.dilation, module.bias is not None)
+    elif hasattr(module, "nf") and hasattr(module, "nx"):
+        dims = ("linear", module.nx, module.nf)
+    else:
+        dims = ("linear", module.in_features, module.out_features)
+    return dims + (tuple(shape), str(getattr(shape, "dtype", torch.float32)),
+                   str(getattr(shape, "autocast", None)), rank)
+
+
 def _all_reduce_mean(local: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (one all-reduce on the comm device); identity without a process group."""
     if dist.is_available() and dist.is_initialized() and local.numel():
@@ -195,12 +209,19 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
     timed = [n for n in names if n in shapes and n in modules]
 
     def time_round(jobs: list[tuple[str, Optional[int]]]) -> list[float]:
-        local = torch.zeros(len(jobs), dtype=torch.float64)
+        """Seconds per (layer, rank) job; each distinct stand-in is timed once and shared, so layers of
+        the same shape (every block of a transformer) get the same times and the same decision."""
+        keys = [_timing_key(modules[name], shapes[name], rank) for name, rank in jobs]
+        unique = list(dict.fromkeys(keys))
+        first_job = {key: job for key, job in zip(reversed(keys), reversed(jobs))}
+        local = torch.zeros(len(unique), dtype=torch.float64)
         with plugin_rng(seed, device):
-            for i, (name, rank) in enumerate(jobs):
+            for i, key in enumerate(unique):
+                name, rank = first_job[key]
                 dtype = _param_dtype(shapes[name])
                 local[i] = timer(_stand_in(modules[name], rank, device, dtype), shapes[name], iters, device)
-        return [float(t) for t in _all_reduce_mean(local)]
+        averaged = [float(t) for t in _all_reduce_mean(local)]
+        return [averaged[unique.index(key)] for key in keys]
 
     first = [(n, r) for name in timed for n, r in ((name, None), (name, plan.ranks[name]))]
     times = time_round(first) if timed else []

@@ -124,7 +124,7 @@ def test_one_all_reduce_per_round_in_a_process_group(monkeypatch):
             real = dist.all_reduce
             monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (calls.append(t.numel()), real(t, *a, **k))[1])
             plan = Plan("switch", 1, {"a": 64, "b": 64, "c": 8}, floors={"a": 20, "b": 30, "c": 4})
-            kept, _ = run(plan, FakeTimer(linear_cost), 1.5)
+            kept, _ = run(plan, FakeTimer(linear_cost), 1.5, widths={"a": 128, "b": 96, "c": 64})
             # round 1: 3 layers x (dense, planned); round 2: a's 5 and b's grid, c passes at rank 8
             assert calls == [6, 5 + len(search_ranks(64, 30))] and kept.ranks == {"a": 32, "b": 32, "c": 8}
             calls.clear()
@@ -132,6 +132,16 @@ def test_one_all_reduce_per_round_in_a_process_group(monkeypatch):
             assert calls == [2]  # nothing failed: no second round
         finally:
             dist.destroy_process_group()
+
+
+def test_same_shaped_layers_share_one_timing_per_rank():
+    """Blocks of one shape are timed once per rank: equal layers take equal decisions, and the switch is cheaper."""
+    noisy = iter(range(1, 1000))
+    timer = FakeTimer(lambda w, r: 1.0 if r is None else next(noisy) / 100)  # every timing differs
+    plan = Plan("switch", 1, {"h0": 64, "h1": 64, "other": 64}, floors={"h0": 20, "h1": 20, "other": 20})
+    kept, table = run(plan, timer, 1e9, widths={"h0": 128, "h1": 128, "other": 96})
+    assert table["h0"]["candidates"] == table["h1"]["candidates"] != table["other"]["candidates"]
+    assert len(timer.calls) == 2 * (2 + len(search_ranks(64, 20)))  # two shapes, not three layers
 
 
 def test_real_timing_on_linear_stand_ins():

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_lowrank.checkpoint.store import step_dir
 from tests.dist_harness import run_ranks
 from tests.distributed.recipe_workers import RUN, STEPS, SWITCH_AFTER, config, recipe_worker, resume_worker
 
@@ -88,14 +89,15 @@ def test_schedule_and_clipping_through_a_switch(backend, oracle):
     assert len(after) == (4 if backend == "zero2" else 2)  # ZeRO: a companion group per source group
 
 
+@pytest.mark.slow
 def test_two_groups_survive_a_zero2_resume_after_the_switch(tmp_path):
     whole = run_ranks(resume_worker, world=2, timeout=180, args=(str(tmp_path / "a"), "never"))[0]
-    step6 = tmp_path / "a" / "checkpoints" / "step_6"
+    step6 = step_dir(tmp_path / "a" / "checkpoints", 6)
     resumed = run_ranks(resume_worker, world=2, timeout=180, args=(str(tmp_path / "b"), str(step6)))[0]
     assert whole["switch_step"] == resumed["switch_step"] == SWITCH_AFTER
 
     def meta(root: Path) -> list[dict]:
-        return json.loads((root / "checkpoints" / "step_8" / "manifest.json").read_text())["engine"]["param_groups"]
+        return json.loads((step_dir(root / "checkpoints", 8) / "manifest.json").read_text())["engine"]["param_groups"]
 
     a, b = meta(tmp_path / "a"), meta(tmp_path / "b")
     assert [g["names"] for g in a] == [g["names"] for g in b] and len(a) == 4

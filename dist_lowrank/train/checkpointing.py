@@ -26,7 +26,7 @@ from dist_lowrank.train.run_config import RunConfig
 # Keys a resumed run may change freely: how long and how often, where to, on how many ranks (with the
 # per-rank batch that keeps the global batch).
 RESUMABLE_CHANGES = {"run.steps", "run.resume", "run.world_size", "run.batch_size", "run.eval_every", "run.log_every",
-                     "run.checkpoint_every", "run.keep_checkpoints", "run.allow_config_change", "run.export_fp32",
+                     "run.ood_eval", "run.checkpoint_every", "run.keep_checkpoints", "run.allow_config_change", "run.export_fp32",
                      "run.out_dir", "run.checkpoint_dir"}
 
 

@@ -35,8 +35,8 @@ from bench_common import ROOT, machine, median_or_none, read_events, spread, tra
 VARIANTS: dict[str, list[str]] = {
     "full_rank": ["lowrank.strategy=none"],
     "cuttlefish": [],
-    "inrank": ["lowrank.strategy=inrank", "lowrank.inrank.init_rank=16", "lowrank.inrank.warmup=50",
-               "lowrank.inrank.gap=50", "lowrank.inrank.buffer=8", "lowrank.inrank.w0_mode=none"],
+    "inrank": ["lowrank.strategy=inrank", "lowrank.inrank.init_rank=32", "lowrank.inrank.warmup=50",
+               "lowrank.inrank.gap=50", "lowrank.inrank.buffer=16", "lowrank.inrank.w0_mode=none"],
 }
 BASE = "full_rank"
 REACHED, NOT_REACHED, NA = "reached", "not reached", "n/a"

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from tests.distributed.switch_common import (GLOBAL_BATCH, PLAN_RANKS, PRE_STEPS, local_batch, loss_fn, make_model,
+from tests.distributed.ds_workers import ds_config
+from tests.distributed.switch_common import (PLAN_RANKS, PRE_STEPS, local_batch, loss_fn, make_model,
                                              optimizer_factory, scheduler_factory)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -16,14 +17,6 @@ LR_SCALE = 0.5
 
 def _full(value: torch.Tensor) -> torch.Tensor:
     return (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone().float()
-
-
-def _ds_config(stage: int, world: int) -> dict:
-    return {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-            "gradient_accumulation_steps": 1, "zero_optimization": {
-                "stage": stage, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 10**6,
-                "allgather_bucket_size": 10**6},
-            "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
 def _read(backend: Any, names: list[str]) -> dict[str, dict]:
@@ -74,7 +67,7 @@ def _make(kind: str, world: int):
         return FSDP2Backend(make_model, parallelize, optimizer_factory, scheduler_factory)
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
 
-    return DeepSpeedBackend(make_model(), _ds_config(int(kind[-1]), world), optimizer_factory, scheduler_factory)
+    return DeepSpeedBackend(make_model(), ds_config(int(kind[-1]), world), optimizer_factory, scheduler_factory)
 
 
 def projected_switch_worker(rank: int, world: int, kind: str) -> dict:

@@ -229,7 +229,7 @@ def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
                 metrics = task.evaluate(backend.unwrapped_model())
                 # train_s: seconds of training steps (switch included; no evaluation, no checkpoints) so far
                 evals.append({"step": step, **metrics, "train_s": telemetry.train_seconds})
-                telemetry.log({"event": "eval", "step": step, **metrics, "train_s": telemetry.train_seconds})
+                telemetry.log({"event": "eval", **evals[-1]})
                 if rank == 0:
                     tqdm.write(f"[step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             if run.checkpoint_every and (step % run.checkpoint_every == 0 or step == run.steps):

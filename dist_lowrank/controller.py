@@ -207,6 +207,23 @@ class LowRankController:
                     "timing": timing, "measurements": measurements})
         return plan
 
+    def regularize(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss with the method's penalty where the engine owns the gradients (ZeRO); call before backward."""
+        decay = self.cfg.cuttlefish.frobenius_decay if self.ranks else 0.0
+        if decay > 0 and self.backend.owns_gradients:
+            from dist_lowrank.layers import frobenius_penalty
+
+            return loss + frobenius_penalty(self.backend.unwrapped_model(), decay)
+        return loss
+
+    def after_backward(self) -> None:
+        """The method's gradient terms where gradients are plain `.grad` tensors; call after backward."""
+        decay = self.cfg.cuttlefish.frobenius_decay if self.ranks else 0.0
+        if decay > 0 and not self.backend.owns_gradients:
+            from dist_lowrank.layers import frobenius_decay_
+
+            frobenius_decay_(self.backend.unwrapped_model(), decay)
+
     def _measured_execute(self, plan: Plan) -> dict[str, Any]:
         """backend.execute with the peak RSS *during* the reshard above the RSS before it, on every backend
         (the process's lifetime peak, ru_maxrss, usually hides it)."""

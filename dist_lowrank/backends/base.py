@@ -19,6 +19,8 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    owns_gradients: bool = False  # True where gradients live in the engine's own buffers (ZeRO): penalties go in the loss
+    shards_parameters: bool = False  # True where a rank holds only a piece of each parameter (FSDP2, ZeRO-3)
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any = None  # an LR scheduler stepped with the optimizer (backends that own one set it)

@@ -60,6 +60,7 @@ class DeepSpeedBackend(Backend):
     """A DeepSpeed engine (ZeRO-0/1/2/3) that can be rebuilt with new layer shapes."""
 
     name = "deepspeed"
+    owns_gradients = True
 
     def __init__(self, model: nn.Module, config: dict, optimizer_factory: Optional[OptimizerSpec] = None,
                  scheduler_factory: Optional[SchedulerSpec] = None, model_fn: Optional[Callable] = None,
@@ -73,6 +74,7 @@ class DeepSpeedBackend(Backend):
         init_deepspeed_distributed()
         self.config = dict(config)
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
+        self.shards_parameters = self.stage == 3
         self.optimizer_factory = optimizer_recipe(optimizer_factory)
         self.initialize_kwargs = initialize_kwargs
         named = dict(model.named_parameters())

@@ -55,6 +55,7 @@ class FSDP2Backend(Backend):
     """A model sharded with `fully_shard` by the user's `parallelize_fn`."""
 
     name = "fsdp2"
+    shards_parameters = True
 
     def __init__(self, model_fn: Callable[[], nn.Module], parallelize_fn: Callable[[nn.Module], nn.Module],
                  optimizer_factory: OptimizerSpec, scheduler_factory: Optional[SchedulerSpec] = None,

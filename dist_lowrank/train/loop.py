@@ -20,10 +20,8 @@ from dist_lowrank.backends.base import Backend
 from dist_lowrank.checkpoint.manifest import Manifest, apply_layout
 from dist_lowrank.config import LowRankConfig, config_to_dict
 from dist_lowrank.controller import LowRankController
-from dist_lowrank.errors import ConfigError
 from dist_lowrank.gc_freeze import startup_objects_frozen
-from dist_lowrank.inrank_model import to_inrank
-from dist_lowrank.layers import frobenius_decay_, frobenius_penalty
+from dist_lowrank.methods import check_run, prepare_model
 from dist_lowrank.surgery import count_parameters
 from dist_lowrank.telemetry.comm import CommCounter
 from dist_lowrank.telemetry.params import parameter_counts
@@ -107,7 +105,7 @@ def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig, comm_hook=N
     exists. AdamW and the lr schedule come from the run's recipe keys."""
     def model_fn() -> nn.Module:
         model = task.model_fn()
-        model = to_inrank(model, lowrank) if lowrank.strategy == "inrank" else model
+        model = prepare_model(model, lowrank)
         return apply_layout(model, manifest.layout) if manifest is not None else model
 
     optimizer = optimizer_factory(run)
@@ -146,10 +144,7 @@ def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
 
 def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
     rank, world = rank_world()
-    if lowrank.cuttlefish.frobenius_decay > 0 and (run.backend == "fsdp2" or
-                                                   (run.backend == "deepspeed" and run.zero_stage == 3)):
-        raise ConfigError("lowrank.cuttlefish.frobenius_decay: not supported with sharded parameters (fsdp2, "
-                          "ZeRO-3) yet; allowed there: 0")
+    check_run(lowrank, sharded_parameters=run.backend == "fsdp2" or (run.backend == "deepspeed" and run.zero_stage == 3))
     if run.deterministic:
         torch.use_deterministic_algorithms(True)
     resume = find_resume(run, lowrank)  # the manifest is read before any model is built
@@ -203,12 +198,11 @@ def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
             context = controller.record_shapes() if controller else nullcontext()
             with context:
                 loss = task.loss_fn(backend.model, batch)
-            decay = lowrank.cuttlefish.frobenius_decay if controller and controller.ranks else 0.0
-            if decay > 0 and run.backend == "deepspeed":  # ZeRO takes gradients into its own buffers: use the loss
-                loss = loss + frobenius_penalty(backend.unwrapped_model(), decay)
+            if controller:
+                loss = controller.regularize(loss)  # the method's penalty, where the engine owns the gradients
             backend.backward(loss)
-            if decay > 0 and run.backend != "deepspeed":
-                frobenius_decay_(backend.unwrapped_model(), decay)
+            if controller:
+                controller.after_backward()
             clip_gradients(backend, run.grad_clip)  # the gradient the step uses, decay term included
             backend.step()
             loss_value = float(loss.detach())

@@ -42,6 +42,25 @@ class Backend(ABC):
     def execute(self, plan: Plan) -> dict[str, Any]:
         """Carry out `plan` on every rank (collective); returns measurements (time, peak memory, bytes)."""
 
+    # -- primitives of the reshape pipeline (dist_lowrank.reshape.pipeline); issue 15 contract -------------
+    # Every rank calls each of them, in the same order (they may be collective).
+    def gather(self, param: torch.Tensor) -> torch.Tensor:
+        """The full tensor of a parameter of `unwrapped_model()` (its fp32 master where the engine keeps one)."""
+        raise NotImplementedError
+
+    def full_state(self, param: torch.Tensor) -> Optional[dict[str, Any]]:
+        """The parameter's optimizer state as full tensors (Adam: exp_avg, exp_avg_sq, step), None before it has any."""
+        raise NotImplementedError
+
+    def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
+                states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Carry out a `reshape.ShapeChange`: put `modules` (layer name -> the new module, built by the change, values
+        not yet written) in place of the old layers, write `values` (full parameter name -> full tensor; every new
+        parameter except `Keep` ones) and `states` (full name -> full optimizer state; absent = fresh), rebuild the
+        engine / wrapper / optimizer with the change's param-group rules, release the old ones. Every untouched
+        parameter keeps its value and optimizer state bit for bit. Returns measurements (params_before/after, ...)."""
+        raise NotImplementedError
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward pass the way this engine wants it (DeepSpeed overrides: engine.backward)."""
         loss.backward()

@@ -10,8 +10,8 @@ Vocabulary, for each parameter of a new module (by leaf name inside its layer):
                 engines keep the very object (ZeRO-3 partition) or copy their local shard.
 - `Copy(src)`   a new parameter whose value is the old `src`'s (e.g. the dense bias becoming `second.bias`).
 - `Slice(src, index)`  kept indices per dim (None = all): a rank or a tensor core going down.
-- `Embed(src, shape, fill, seed)`  the old tensor in the leading corner of a bigger one; the rest zeros or
-                seeded normal entries (InRank's new V columns): a rank or a capacity going up.
+- `Embed(src, shape, fill)`  the old tensor in the leading corner of a bigger one; the rest zeros, or what
+                `fill(shape)` draws (deterministic: the same on every rank, e.g. InRank's seeded V columns).
 - `Factor(side)` one factor of the layer's truncated SVD at `LayerChange.rank`: "a" = U√Σ (m×r),
                 "b" = √ΣVᵀ (r×n), of the m×n matrix `LayerChange.matrix` reads (computed once, by an owner rank).
 - `Rotate(src, left, right)`  left @ old @ right on the (dim 0 × rest) view, small matrices identical on
@@ -59,9 +59,7 @@ class Slice:
 class Embed:
     source: str
     shape: tuple[int, ...]
-    fill: Literal["zeros", "normal"] = "zeros"
-    seed: int = 0      # "normal": entries N(0, std²) from a CPU generator seeded here (same on every rank)
-    std: float = 1.0
+    fill: Optional[Callable[[tuple[int, ...]], torch.Tensor]] = None  # None = zeros; else the full-shape draw
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,7 @@ def value_of(op: Op, old: dict[str, torch.Tensor], factors: Optional[tuple[torch
     elif isinstance(op, Slice):
         out = slice_tensor(source, op.index)
     elif isinstance(op, Embed):
-        out = embed_tensor(source, op.shape, op.fill, op.seed, op.std)
+        out = embed_tensor(source, op.shape, op.fill)
     elif isinstance(op, Rotate):
         out = rotate_tensor(source, op.left, op.right)
     else:
@@ -172,7 +170,7 @@ def state_of(change: ParamChange, old_states: dict[str, Optional[dict]], shape: 
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             out[key] = value.clone() if isinstance(value, torch.Tensor) else value  # Adam's step
         elif isinstance(op, Embed):
-            out[key] = embed_tensor(value, op.shape, "zeros").reshape(shape)
+            out[key] = embed_tensor(value, op.shape).reshape(shape)
         elif isinstance(op, Rotate) and key in SQUARED_KEYS:
             square = lambda m: None if m is None else m * m  # noqa: E731 - diagonal approximation, non-negative
             out[key] = rotate_tensor(value, square(op.left), square(op.right)).reshape(shape)
@@ -189,13 +187,12 @@ def slice_tensor(tensor: torch.Tensor, index: tuple[Optional[tuple[int, ...]], .
     return out.contiguous()
 
 
-def embed_tensor(tensor: torch.Tensor, shape: tuple[int, ...], fill: str = "zeros", seed: int = 0,
-                 std: float = 1.0) -> torch.Tensor:
+def embed_tensor(tensor: torch.Tensor, shape: tuple[int, ...],
+                 fill: Optional[Callable[[tuple[int, ...]], torch.Tensor]] = None) -> torch.Tensor:
     if len(shape) != tensor.dim() or any(s < t for s, t in zip(shape, tensor.shape)):
         raise ValueError(f"embed: {tuple(tensor.shape)} does not fit into {tuple(shape)}")
-    if fill == "normal":
-        gen = torch.Generator().manual_seed(seed)
-        out = (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(tensor.dtype).to(tensor.device)
+    if fill is not None:
+        out = fill(tuple(shape)).to(dtype=tensor.dtype, device=tensor.device).clone()
     else:
         out = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
     out[tuple(slice(0, s) for s in tensor.shape)] = tensor

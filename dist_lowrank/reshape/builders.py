@@ -15,9 +15,9 @@ from dist_lowrank.reshape.change import Factor, Gather, Keep, LayerChange, Param
 
 
 def like(module: nn.Module) -> dict:
-    """device and dtype of a module's parameters, read without touching values (shards, meta)."""
-    reference = next(module.parameters())
-    return {"device": reference.device, "dtype": reference.dtype}
+    """The dtype of a module's parameters, read without touching values (shards, meta). No device: builders run
+    under `torch.device("meta")` (the pipeline's context) and the engine allocates where its parameters live."""
+    return {"dtype": next(module.parameters()).dtype}
 
 
 def dense_matrix(layer: nn.Module, gather: Gather) -> torch.Tensor:

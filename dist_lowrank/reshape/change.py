@@ -87,8 +87,9 @@ class ParamChange:
 @dataclass
 class LayerChange:
     """One layer (a module name) replaced by `build(old_module)`: a module of the new shapes whose values the
-    pipeline then writes. `build` must work on the meta device too (FSDP2 rebuilds from a meta skeleton) and
-    must not read the old module's tensors (they may be shards). `params` covers every parameter of the new
+    pipeline then writes. `build` is called under `torch.device("meta")` (it must not pass a device, nor read
+    the old module's tensors: they may be shards or meta); the engine allocates the new parameters where its
+    own live and puts the old objects in for `Keep` ones. `params` covers every parameter of the new
     module by leaf name. `rank` and `matrix(old_module, gather)` serve the Factor ops: the m×n matrix that is
     factorized (collective through `gather`)."""
 

@@ -39,6 +39,8 @@ class InRankLinear(nn.Module):
     `seed` fixes V's random columns (at creation and at every capacity growth).
     """
 
+    RESHAPE_ATTRS = ("_rank",)  # Python-side state a rebuild from a skeleton must carry over (reshape.change)
+
     def __init__(self, in_features: int, out_features: int, rank: int, capacity: int, w0_mode: str = "frozen",
                  bias: bool = True, seed: int = 0, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:

@@ -23,6 +23,10 @@ Param group (`ParamChange.group`): "inherit" = the group and step of the old par
 "companion" = a new group beside the source layer's group, its lr × `ShapeChange.lr_scale`, step 0
 (or the source's step when the state is projected).
 
+A module with Python-side shape state (InRank's active rank within its capacity) names it in a class attribute
+`RESHAPE_ATTRS`; an engine that rebuilds modules from a skeleton copies those attributes from the old module of
+the same name (`carry_attrs`), so a change of one layer never resets another.
+
 This module is pure description and pure tensor math (`value_of`, `state_of`): no torch.distributed, no
 engine, no method.
 """
@@ -123,6 +127,16 @@ class ShapeChange:
 
     def needs_factors(self) -> bool:
         return any(isinstance(p.value, Factor) for layer in self.layers for p in layer.params.values())
+
+
+def carry_attrs(old: nn.Module, new: nn.Module) -> None:
+    """Copy the `RESHAPE_ATTRS` of every submodule of `old` to the same-named submodule of `new` (same type)."""
+    olds = dict(old.named_modules())
+    for name, module in new.named_modules():
+        source = olds.get(name)
+        if source is not None and type(source) is type(module):
+            for attr in getattr(module, "RESHAPE_ATTRS", ()):
+                setattr(module, attr, getattr(source, attr))
 
 
 # -- pure tensor math of the ops ----------------------------------------------------------------------

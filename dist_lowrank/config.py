@@ -10,18 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from dist_lowrank.config_io import help_field as _help
 from dist_lowrank.config_io import (Range, apply_overrides, changed_keys, dataclass_from_dict, dataclass_to_dict,
                                     digest, ge, gt, read_mapping, schema_rows, validate_regex)
 from dist_lowrank.errors import ConfigError
+from dist_lowrank.methods.cuttlefish.config import CuttlefishConfig
+from dist_lowrank.methods.fixed.config import FixedConfig
+from dist_lowrank.methods.inrank.config import InRankConfig
 
 __all__ = ["LowRankConfig", "MonitorConfig", "CuttlefishConfig", "InRankConfig", "FixedConfig", "SwitchConfig",
            "LoggingConfig", "config_from_dict", "config_to_dict", "load_config", "from_ds_config", "config_digest",
            "changed_keys", "apply_overrides", "describe_schema", "schema_markdown"]
 
 
-def _help(text: str, check: Optional[Range] = None, **kwargs):
-    """A dataclass field whose metadata carries the key's help text and allowed range (errors and docs)."""
-    return field(metadata={"help": text, "check": check}, **kwargs)
 
 
 @dataclass
@@ -44,47 +45,10 @@ class MonitorConfig:
                         check=Range(lo=0.0, hi=1.0, hi_open=True), default=1e-5)
 
 
-@dataclass
-class CuttlefishConfig:
-    """Cuttlefish: switch when every tracked layer's stable rank has stopped moving."""
-
-    ema_window: int = _help("EMA window w of the srank history (alpha = 2/(w+1))", check=ge(1), default=15)
-    last_k: int = _help("mean of the last k |d EMA| entries is compared with the threshold", check=ge(1), default=11)
-    threshold: float = _help("a layer is stable when that mean is below this (> 0)", check=gt(0), default=0.1)
-    relax_threshold: bool = _help("relax the threshold as fewer layers remain unstable (reference)", default=True)
-    rank_rule: Literal["scaled", "raw"] = _help(
-        "scaled: r = ceil(xi * srank) with xi = min(m,n)/srank(W_0); raw: r = ceil(srank)", default="scaled"
-    )
-    floor_fraction: float = _help("rank floor as a fraction of full rank, in [0, 1]", check=Range(0, 1), default=0.0)
-    min_switch_step: int = _help("never switch before this optimizer step", check=ge(0), default=0)
-    max_switch_step: Optional[int] = _help("switch at this step at the latest, stable or not (null = never force)", check=ge(0), default=None)
-    frobenius_decay: float = _help("Frobenius decay lambda on factor pairs after the switch (>= 0)", check=ge(0), default=0.0)
 
 
-@dataclass
-class InRankConfig:
-    """InRank: grow factor ranks while the explained ratio of the update says more rank is needed."""
-
-    init_rank: int = _help("starting rank of every factorized layer (>= 1)", check=ge(1), default=8)
-    warmup: int = _help("optimizer steps before the first growth check", check=ge(0), default=50)
-    gap: int = _help("optimizer steps between growth checks (>= 1)", check=ge(1), default=50)
-    tau: float = _help("explained-ratio threshold g(k) > tau, in (0, 1)", check=Range(0, 1, lo_open=True, hi_open=True), default=0.9)
-    buffer: int = _help("search ranks in [r, r + buffer) (>= 1)", check=ge(1), default=8)
-    growth_factor: float = _help("capacity grows geometrically by this factor (> 1)", check=gt(1), default=1.5)
-    capacity_multiple: int = _help("capacities are rounded up to a multiple of this (>= 1)", check=ge(1), default=8)
-    w0_mode: Literal["frozen", "trained", "none"] = _help(
-        "W = W0 + U V with W0 frozen or trained; 'none' = W = U V only (the released reference)", default="frozen"
-    )
-    fix_after: Optional[int] = _help("efficient InRank: fix ranks at this step (null = keep growing)", check=ge(0), default=None)
-    fold_on_fix: bool = _help("on fix, fold W0 + U V into a pure factorization by truncated SVD", default=False)
 
 
-@dataclass
-class FixedConfig:
-    """Fixed-ratio baseline (Pufferfish): every layer at ratio * full rank after a warm-up."""
-
-    ratio: float = _help("rank = ceil(ratio * min(m, n)), in (0, 1]", check=Range(0, 1, lo_open=True), default=0.25)
-    warmup_steps: int = _help("full-rank steps before the switch (>= 0)", check=ge(0), default=0)
 
 
 @dataclass

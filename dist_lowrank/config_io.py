@@ -54,6 +54,11 @@ class Range:
         return f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
 
 
+def help_field(text: str, check: "typing.Optional[Range]" = None, **kwargs):
+    """A dataclass field whose metadata carries the key's help text and allowed range (errors and docs)."""
+    return dataclasses.field(metadata={"help": text, "check": check}, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class OneOf:
     """A fixed set of allowed values (for int choices such as a ZeRO stage)."""

@@ -1,34 +1,30 @@
-"""The loop glue: monitor → strategy → coordinator → backend, called once per optimizer step.
+"""The loop glue: method → coordinator → engine, called once per optimizer step.
 
-The controller knows no engine internals (the backend does) and no decision rules (the strategy
-does). It owns the cadence, the finite-step filter, the layer-speed check at the switch, and the
-event log that telemetry and checkpoints read.
+The controller knows no engine internals (the backend does), no decision rule and no method (`methods/` does: it
+reaches the configured one through `methods.build_method` and the `methods.base.Method` protocol). It owns the
+finite-step filter, the agreement on every plan, the layer-speed check before a switch, the barrier before every
+reshard, and the event log that telemetry and checkpoints read.
 """
 from __future__ import annotations
 
 import logging
 import math
-import time
-from typing import Any, Callable, Optional
+from contextlib import nullcontext
 from dataclasses import replace
+from typing import Any, Callable, Optional
 
 import torch
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import default_device
-from dist_lowrank.errors import ConfigError
 from dist_lowrank.faults import maybe_fault
-from dist_lowrank.inrank_model import inrank_layers
+from dist_lowrank.methods import build_method
+from dist_lowrank.methods.base import Probe
 from dist_lowrank.monitor import RankMonitor
 from dist_lowrank.plan import Plan
 from dist_lowrank.profiling import keep_dense_where_not_faster, record_input_shapes
-from dist_lowrank.spectrum import lowrank_singular_values
-from dist_lowrank.strategies import build_strategy
-from dist_lowrank.strategies.inrank import trained_width
-from dist_lowrank.targeting import select_targets
 
 log = logging.getLogger("dist_lowrank")
 
@@ -39,77 +35,60 @@ class LowRankController:
     def __init__(self, backend: Backend, cfg: LowRankConfig, steps_per_epoch: Optional[int] = None,
                  on_event: Optional[Callable[[dict[str, Any]], None]] = None,
                  resume_state: Optional[dict[str, Any]] = None, telemetry: Optional[Any] = None) -> None:
-        """resume_state: a checkpoint's `state_dict()`; after a finished strategy (e.g. past the switch) the
-        targets are factorized already, so nothing is selected and only the ranks are restored.
+        """resume_state: a checkpoint's `state_dict()`; after a finished method (e.g. past the switch) the targets
+        are changed already, so nothing is selected and only the ranks are restored.
         telemetry: a telemetry.session.RunTelemetry that `after_step` feeds and that logs every event."""
         self.backend, self.cfg = backend, cfg
         self.on_event = on_event or (lambda event: None)
         self.telemetry = telemetry
-        model = backend.unwrapped_model()
-        self.inrank = cfg.strategy == "inrank"
-        self.capacities: dict[str, int] = {}
         finished = bool(resume_state and resume_state.get("finished"))
-        if finished:
-            self.modules, self.dims = {}, {}
-        elif self.inrank:
-            layers = inrank_layers(model)
-            if not layers:
-                raise ConfigError("lowrank.strategy: 'inrank' needs a model converted with "
-                                  "dist_lowrank.inrank_model.to_inrank before the engine is built")
-            self.modules = dict(layers)
-            self.dims = {n: (m.out_features, m.in_features) for n, m in layers.items()}
-            self.capacities = {n: m.capacity for n, m in layers.items()}
-        else:
-            self.modules = select_targets(model, cfg.target_modules, cfg.exclude_modules)
-            self.dims = {v.name: tuple(v.dims) for v in backend.shard_views(list(self.modules))}
-        self.names = list(self.modules)
-        self.strategy = None if finished else build_strategy(cfg, self.dims)
+        self.method = build_method(cfg, backend, steps_per_epoch=steps_per_epoch, finished=finished)
         self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps, rtol=cfg.monitor.rtol, seed=cfg.seed)
         self.coordinator = Coordinator()
-        self.cadence = self._cadence_steps(cfg, steps_per_epoch)
+        self.probe = Probe(backend, self.monitor, self.coordinator, self._emit)
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.skipped_steps = 0
-        self.ranks: dict[str, int] = {n: cfg.inrank.init_rank for n in self.modules} if self.inrank else {}
         self.events: list[dict[str, Any]] = []
-        self.last_estimate: dict[str, float] = {}
         if resume_state is not None:
             self.load_state_dict(resume_state)
 
-    @staticmethod
-    def _cadence_steps(cfg: LowRankConfig, steps_per_epoch: Optional[int]) -> int:
-        if cfg.monitor.cadence_epochs is not None:
-            if not steps_per_epoch:
-                raise ValueError("lowrank.monitor.cadence_epochs needs the run's steps_per_epoch")
-            return max(1, round(cfg.monitor.cadence_epochs * steps_per_epoch))
-        return cfg.monitor.cadence_steps
+    # -- what the method holds, for callers that report it -------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The layers the method was built over."""
+        return list(self.method.names) if self.method is not None else []
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return self.method.ranks if self.method is not None else {}
+
+    @property
+    def capacities(self) -> dict[str, int]:
+        return self.method.capacities if self.method is not None else {}
+
+    @property
+    def last_estimate(self) -> dict[str, float]:
+        return self.probe.last_estimate
 
     @property
     def active(self) -> bool:
-        """True while the strategy may still change ranks."""
-        return self.strategy is not None and not getattr(self.strategy, "done", False)
+        """True while the method may still change ranks."""
+        return self.method is not None and not self.method.done
 
     def record_shapes(self):
         """Context manager: wrap one forward pass so the switch can time layers at real shapes."""
         if not self.active or self.input_shapes:
-            from contextlib import nullcontext
-
             return nullcontext()
         return record_input_shapes(self.backend.unwrapped_model(), self.names, self.input_shapes)
 
     def estimate(self, step: int) -> dict[str, float]:
-        """Collective: stable rank of every target, rank 0's values on every rank."""
-        start = time.perf_counter()
-        results = self.monitor.estimate(self.backend.shard_views(self.names))
-        values = self.coordinator.broadcast_values({n: r.value for n, r in results.items()})
-        self.last_estimate = values
-        self._emit({"event": "estimate", "step": step, "sranks": values, "seconds": time.perf_counter() - start,
-                    "monitor_bytes": self.monitor.stats.bytes, "monitor_collectives": self.monitor.stats.collectives})
-        return values
+        """Collective: stable rank of every watched layer, rank 0's values on every rank."""
+        return self.probe.stable_ranks(step, self.names)
 
     def start(self) -> None:
-        """The init measurement (Cuttlefish's epoch −1): call once before the first training step."""
-        if self.active and not self.inrank:
-            self.strategy.observe(0, self.estimate(0))
+        """Once before the first training step (Cuttlefish: the init measurement)."""
+        if self.active:
+            self.method.start(self.probe)
 
     def after_step(self, step: int, loss: float) -> Optional[Plan]:
         """Call after each optimizer step (all ranks). Returns the plan carried out, if any. With telemetry,
@@ -129,108 +108,74 @@ class LowRankController:
             self.skipped_steps += 1
             self._emit({"event": "skipped_nonfinite", "step": step})
             return None
-        if self.inrank:
-            return self._inrank_step(step)
-        if step % self.cadence:
+        if not self.method.due(step):
             return None
-        plan = self.coordinator.agree(self.strategy.observe(step, self.estimate(step)))
+        plan = self.coordinator.agree(self.method.decide(step, self.method.measure(step, self.probe)))
         if plan is None:
             return None
         return self.execute(plan)
 
-    def spectrum(self, step: int) -> dict[str, torch.Tensor]:
-        """Collective: σ(U Vᵀ) of every InRank layer from r×r Grams of the shards; rank 0's values."""
-        start = time.perf_counter()
-        u_views = self.backend.param_views([f"{n}.u" for n in self.names])
-        v_views = self.backend.param_views([f"{n}.v" for n in self.names])
-        widths = [m.rank for m in inrank_layers(self.backend.unwrapped_model()).values()]
-        values, stats = lowrank_singular_values(u_views, v_views, widths)
-        flat = {f"{n}#{i}": float(x) for n, vals in zip(self.names, values) for i, x in enumerate(vals.tolist())}
-        shared = self.coordinator.broadcast_values(flat)
-        svals = {n: torch.tensor([shared[f"{n}#{i}"] for i in range(len(vals))], dtype=torch.float64)
-                 for n, vals in zip(self.names, values)}
-        self._emit({"event": "spectrum", "step": step, "seconds": time.perf_counter() - start,
-                    "gram_bytes": stats.bytes, "gram_collectives": stats.collectives,
-                    "ranks": dict(self.ranks), "capacities": dict(self.capacities)})
-        return svals
-
-    def _inrank_step(self, step: int) -> Optional[Plan]:
-        rule = self.strategy
-        check = rule.is_check_step(step)
-        fix_due = rule.cfg.fix_after is not None and step >= rule.cfg.fix_after
-        if not (check or fix_due):
-            return None
-        svals = self.spectrum(step) if check and not fix_due else {}
-        plan = self.coordinator.agree(rule.decide(step, svals, dict(self.ranks), dict(self.capacities)))
-        if plan is None:
-            return None
-        if plan.kind == "grow":
-            widths = {n: trained_width(rule.cfg, r, *self.dims[n]) for n, r in plan.ranks.items()}
-            modules = inrank_layers(self.backend.unwrapped_model())
-            for name, width in widths.items():
-                if name not in plan.capacities:
-                    modules[name].grow(width)  # within capacity: no tensor changes, no reshard
-            measurements = {}
-            if plan.capacities:
-                self.coordinator.arrive(f"growth reshard at step {step}", self.cfg.switch.barrier_timeout_s)
-                measurements = self._measured_execute(Plan("grow", step, {n: widths[n] for n in plan.capacities},
-                                                                   capacities=dict(plan.capacities)))
-            self.capacities.update(plan.capacities)
-        elif rule.cfg.fold_on_fix:  # efficient InRank: W0 + U Vᵀ becomes a pure factorization at rank r
-            measurements = self._measured_execute(Plan("switch", step, dict(plan.ranks)))
-        else:
-            measurements = {}
-        self.ranks.update(plan.ranks)
-        self._emit({"event": plan.kind, "step": step, "ranks": dict(plan.ranks), "capacities": dict(plan.capacities),
-                    "reshards": len(plan.capacities), "measurements": measurements})
-        return plan
-
     def execute(self, plan: Plan) -> Plan:
-        """Filter the plan by measured layer speed, then have the backend reshard (collective)."""
+        """Carry out an agreed plan (collective): a switch is first filtered by measured layer speed; the method
+        describes the change, the engine reshards (after a barrier), the method records it, the event is logged."""
         timing: dict[str, Any] = {}
-        plan = replace(plan, factor_moments=self.cfg.switch.factor_moments, lr_scale=self.cfg.switch.lr_scale)
-        if plan.kind == "switch" and self.cfg.switch.profile_layers and plan.ranks:
-            plan, timing = keep_dense_where_not_faster(
-                plan, self.modules, self.input_shapes, self.cfg.switch.profile_iters, self.cfg.switch.min_speedup,
-                default_device(), seed=self.cfg.seed, rank_search=self.cfg.switch.rank_search)
-            plan = self.coordinator.agree(plan)
+        if plan.kind == "switch":
+            plan = replace(plan, factor_moments=self.cfg.switch.factor_moments, lr_scale=self.cfg.switch.lr_scale)
+            if self.cfg.switch.profile_layers and plan.ranks:
+                plan, timing = keep_dense_where_not_faster(
+                    plan, self.method.targets, self.input_shapes, self.cfg.switch.profile_iters,
+                    self.cfg.switch.min_speedup, default_device(), seed=self.cfg.seed,
+                    rank_search=self.cfg.switch.rank_search)
+                plan = self.coordinator.agree(plan)
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)
         maybe_fault("switch", plan.step)
-        self.coordinator.arrive(f"switch at step {plan.step}", self.cfg.switch.barrier_timeout_s)
-        measurements = self._measured_execute(plan) if plan.ranks else {}
-        measurements = {"per_rank": self.coordinator.gather_objects(measurements), **measurements}
-        self.ranks.update(plan.ranks)
-        self.modules = {n: m for n, m in self.modules.items() if n not in plan.ranks}
-        self._emit({"event": plan.kind, "step": plan.step, "ranks": dict(plan.ranks), "reasons": dict(plan.reasons),
-                    "dims": {n: list(self.dims[n]) for n in set(plan.ranks) | set(plan.reasons) if n in self.dims},
-                    "timing": timing, "measurements": measurements})
+        change = self.method.shape_change(plan, self.backend.unwrapped_model())
+        measurements: dict[str, Any] = {}
+        if change is not None and change.layers:
+            self.coordinator.arrive(f"{change.kind} at step {plan.step}", self.cfg.switch.barrier_timeout_s)
+            if hasattr(self.backend, "apply"):
+                measurements = dict(self.backend.apply(change))
+            else:
+                measurements = self._legacy_execute(change)  # TEMPORARY (issue 15 integration)
+            measurements = {"per_rank": self.coordinator.gather_objects(measurements), **measurements}
+        event = {"event": plan.kind, "step": plan.step, **self.method.committed(plan, measurements)}
+        if timing or plan.kind == "switch":
+            event["timing"] = timing
+        self._emit(event)
         return plan
 
+    def _legacy_execute(self, change) -> dict[str, Any]:
+        """TEMPORARY until every backend has `apply`: the old plan-based entry point."""
+        from dist_lowrank.backends.ds_memory import RssPeak
+
+        modules = dict(self.backend.unwrapped_model().named_modules())
+        with torch.device("meta"):
+            built = {layer.name: layer.build(modules[layer.name]) for layer in change.layers}
+        if change.kind == "grow":
+            legacy = Plan("grow", change.step, {n: m.rank for n, m in built.items()},
+                          capacities={n: m.capacity for n, m in built.items()})
+        else:
+            legacy = Plan("switch", change.step, {n: m.rank for n, m in built.items()},
+                          factor_moments="projected" if any(p.state == "project" for layer in change.layers
+                                                            for p in layer.params.values()) else "zero",
+                          lr_scale=change.lr_scale)
+        with RssPeak() as rss:
+            measurements = dict(self.backend.execute(legacy))
+        measurements.setdefault("peak_rss_delta_mb", rss.delta_mb)
+        return measurements
+
+    # -- around backward ---------------------------------------------------------------------------------
     def regularize(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss with the method's penalty where the engine owns the gradients (ZeRO); call before backward."""
-        decay = self.cfg.cuttlefish.frobenius_decay if self.ranks else 0.0
-        if decay > 0 and self.backend.owns_gradients:
-            from dist_lowrank.layers import frobenius_penalty
-
-            return loss + frobenius_penalty(self.backend.unwrapped_model(), decay)
-        return loss
+        if self.method is None or not self.backend.owns_gradients:
+            return loss
+        return self.method.regularize(loss, self.backend.unwrapped_model())
 
     def after_backward(self) -> None:
         """The method's gradient terms where gradients are plain `.grad` tensors; call after backward."""
-        decay = self.cfg.cuttlefish.frobenius_decay if self.ranks else 0.0
-        if decay > 0 and not self.backend.owns_gradients:
-            from dist_lowrank.layers import frobenius_decay_
-
-            frobenius_decay_(self.backend.unwrapped_model(), decay)
-
-    def _measured_execute(self, plan: Plan) -> dict[str, Any]:
-        """backend.execute with the peak RSS *during* the reshard above the RSS before it, on every backend
-        (the process's lifetime peak, ru_maxrss, usually hides it)."""
-        with RssPeak() as rss:
-            measurements = dict(self.backend.execute(plan))
-        measurements.setdefault("peak_rss_delta_mb", rss.delta_mb)
-        return measurements
+        if self.method is not None and not self.backend.owns_gradients:
+            self.method.after_backward(self.backend.unwrapped_model())
 
     def _emit(self, event: dict[str, Any]) -> None:
         self.events.append(event)
@@ -244,14 +189,16 @@ class LowRankController:
         return self.telemetry.close() if self.telemetry is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to make the same decisions (strategy state, ranks, counters)."""
-        return {"strategy": self.strategy.state_dict() if self.strategy else None, "ranks": dict(self.ranks),
-                "capacities": dict(self.capacities), "skipped_steps": self.skipped_steps,
+        """What a resumed run needs to make the same decisions (method state, ranks, counters)."""
+        method = self.method
+        return {"strategy": method.state_dict() if method is not None and not method.finished else None,
+                "ranks": dict(self.ranks), "capacities": dict(self.capacities), "skipped_steps": self.skipped_steps,
                 "finished": not self.active}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.strategy is not None and state.get("strategy") is not None:
-            self.strategy.load_state_dict(state["strategy"])
-        self.ranks = dict(state.get("ranks", {}))
-        self.capacities = dict(state.get("capacities", {}))
+        if self.method is not None:
+            if state.get("strategy") is not None and not self.method.finished:
+                self.method.load_state_dict(state["strategy"])
+            self.method.ranks = dict(state.get("ranks", {}))
+            self.method.capacities = dict(state.get("capacities", {}))
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -1,6 +1,5 @@
-"""The plan: what strategies produce, what the coordinator agrees on, what backends execute.
-
-Strategies never import backends and backends never import strategies; both import this module.
+"""The plan: what a method decides, what the coordinator agrees on (JSON digests), what the method then turns into a
+`reshape.ShapeChange` for the engines. Methods never import backends and backends never import methods.
 """
 from __future__ import annotations
 

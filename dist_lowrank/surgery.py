@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dist_lowrank.layers import InRankLinear, LowRankConv2d, LowRankLinear, build_factorized, matrix_dims
+from dist_lowrank.layers import LowRankConv2d, LowRankLinear, build_factorized, matrix_dims
 from dist_lowrank.layers.shapes import is_hf_conv1d
 
 
@@ -59,12 +59,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def _factorize(dense: nn.Module, rank: int) -> nn.Module:
-    """Spectral init from the module's own weight (truncated SVD, or an InRank layer's fold)."""
+    """Spectral init from the module's own weight (truncated SVD), or the layer's own `fold(rank)` (a method's
+    layer that is a sum of parts, e.g. InRank's W0 + U Vᵀ)."""
     if isinstance(dense, nn.Conv2d):
         return LowRankConv2d.from_dense(dense, rank)
     if isinstance(dense, nn.Linear) or is_hf_conv1d(dense):
         return LowRankLinear.from_dense(dense, rank)
-    if isinstance(dense, InRankLinear):
+    if callable(getattr(dense, "fold", None)):
         return dense.fold(rank)
     raise TypeError(f"cannot factorize {type(dense).__name__}")
 

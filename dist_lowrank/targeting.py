@@ -19,7 +19,7 @@ from typing import Optional, Union
 from torch import nn
 
 from dist_lowrank.errors import ConfigError
-from dist_lowrank.layers import FACTORIZED_TYPES, is_factorizable
+from dist_lowrank.layers import is_factorizable
 
 Patterns = Union[list[str], tuple[str, ...], str, None]
 CANDIDATES = "factorizable layer (Linear, Conv2d with groups=1, HF Conv1D)"
@@ -49,7 +49,7 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inside):
             continue
-        if isinstance(module, FACTORIZED_TYPES):
+        if isinstance(getattr(module, "LAYOUT_TYPE", None), str):  # already shaped by a method (factorized, InRank)
             inside.append(name + ".")
         elif is_factorizable(module):
             out[name] = module

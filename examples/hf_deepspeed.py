@@ -41,11 +41,10 @@ def build(model: str, checkpointing: bool = False, lowrank: Optional[dict] = Non
     if checkpointing:
         net.config.use_cache = False
         net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if lowrank is not None and lowrank.get("strategy") == "inrank":
-        from dist_lowrank.config import load_config
-        from dist_lowrank.inrank_model import to_inrank
+    if lowrank is not None:  # the method's own layers (InRank: W0 + U Vᵀ), before the engine is built
+        import dist_lowrank
 
-        net = to_inrank(net, load_config(lowrank))
+        net = dist_lowrank.prepare_model(net, lowrank)
     return net
 
 

@@ -51,11 +51,10 @@ def shard(model: nn.Module, checkpointing: bool = False) -> nn.Module:
 
 def model_fn(model: str, lowrank: dict) -> nn.Module:
     net = MODELS[model]()
-    if lowrank.get("strategy") == "inrank":  # InRank: convert before the engine is built
-        from dist_lowrank.config import load_config
-        from dist_lowrank.inrank_model import to_inrank
+    if lowrank:  # the method's own layers (InRank: W0 + U Vᵀ), before the engine is built
+        import dist_lowrank
 
-        net = to_inrank(net, load_config(lowrank))
+        net = dist_lowrank.prepare_model(net, lowrank)
     return net
 
 

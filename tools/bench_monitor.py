@@ -158,7 +158,7 @@ def gpt_worker(rank: int, world: int, config: str, overrides: list[str], steps: 
         exact = stable_rank(full_weight(modules[name].weight), "exact").value
         errors[name] = {"exact": exact, "estimate": estimate[name], "rel_error": abs(estimate[name] - exact) / exact}
     return {"rank": rank, "backend": run.backend if run.backend != "deepspeed" else f"zero{run.zero_stage}",
-            "layers": len(controller.names), "cadence": controller.cadence, "method": lowrank.monitor.method,
+            "layers": len(controller.names), "cadence": controller.method.cadence, "method": lowrank.monitor.method,
             "monitor_steps": lowrank.monitor.steps, "monitor_bytes": controller.monitor.stats.bytes,
             "monitor_rtol": lowrank.monitor.rtol, "monitor_iterations": controller.monitor.stats.iterations,
             "monitor_collectives": controller.monitor.stats.collectives, "replicated": replicated,

@@ -69,33 +69,30 @@ def read_manifest(directory: Path) -> Manifest:
     if missing or unknown:
         raise CheckpointError(f"{path}: missing keys {missing}, unknown keys {unknown}")
     for name, entry in data["layout"].items():
-        if not isinstance(entry, dict) or entry.get("type") not in ("lowrank", "inrank"):
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise CheckpointError(f"{path}: layout.{name}: expected {{'type': 'lowrank'|'inrank', ...}}, "
                                   f"got {entry!r}")
     return Manifest(**data)
 
 
 def layout_of(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The shape-changing layers of a live model: factorized (rank) and InRank (width, capacity)."""
-    from dist_lowrank.layers import InRankLinear, LowRankConv2d, LowRankLinear
-
+    """The shape-changing layers of a live model: every module that describes its own shape (`layout()`, e.g.
+    factorized layers {"type": "lowrank", "rank"}, InRank {"type": "inrank", "width", "capacity"})."""
     layout: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (LowRankLinear, LowRankConv2d)):
-            layout[name] = {"type": "lowrank", "rank": int(module.rank)}
-        elif isinstance(module, InRankLinear):
-            layout[name] = {"type": "inrank", "width": int(module.rank), "capacity": int(module.capacity)}
+        if isinstance(getattr(module, "LAYOUT_TYPE", None), str) and callable(getattr(module, "layout", None)):
+            layout[name] = module.layout()
     return layout
 
 
 def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Module:
     """Give a freshly built model the checkpoint's shapes (values are left for the engine to load).
 
-    Factorized layers become empty factorized modules of the saved rank; InRank layers get the saved
-    capacity and active width. A layer the model does not have, or of the wrong kind, fails loudly with
-    its name.
+    Factorized layers become empty factorized modules of the saved rank; a method's own layer (same LAYOUT_TYPE,
+    e.g. InRank's) takes the saved entry through its `with_layout(entry)`. A layer the model does not have, or of
+    the wrong kind, fails loudly with its name.
     """
-    from dist_lowrank.layers import InRankLinear, empty_factorized, is_factorizable
+    from dist_lowrank.layers import empty_factorized, is_factorizable
     from dist_lowrank.surgery import replace_module
 
     modules = dict(model.named_modules())
@@ -103,22 +100,22 @@ def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Modu
         module = modules.get(name)
         if module is None:
             raise CheckpointError(f"layout.{name}: the model has no such layer")
+        kind = getattr(module, "LAYOUT_TYPE", None)
         if entry["type"] == "lowrank":
-            if not (is_factorizable(module) or isinstance(module, InRankLinear)):
+            if not (is_factorizable(module) or (kind is not None and kind != "lowrank")):
                 raise CheckpointError(f"layout.{name}: saved as factorized, but the model's layer is "
                                       f"{type(module).__name__}")
             reference = next(module.parameters())
             replace_module(model, name, empty_factorized(module, int(entry["rank"]), device=reference.device,
                                                          dtype=reference.dtype))
         else:
-            if not isinstance(module, InRankLinear):
-                raise CheckpointError(f"layout.{name}: saved as InRank, but the model's layer is "
-                                      f"{type(module).__name__} (was the model converted with to_inrank?)")
-            grown = module.with_capacity(int(entry["capacity"])) if entry["capacity"] != module.capacity else module
-            if entry["width"] != grown.rank:
-                grown.grow(int(entry["width"]))
-            if grown is not module:
-                replace_module(model, name, grown)
+            if kind != entry["type"] or not callable(getattr(module, "with_layout", None)):
+                raise CheckpointError(f"layout.{name}: saved as {entry['type']!r}, but the model's layer is "
+                                      f"{type(module).__name__} (was the model prepared for that method, e.g. "
+                                      f"methods.prepare_model?)")
+            shaped = module.with_layout(entry)
+            if shaped is not module:
+                replace_module(model, name, shaped)
     return model
 
 

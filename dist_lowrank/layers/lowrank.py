@@ -32,6 +32,11 @@ def _check_factors(dense: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
 class LowRankLinear(nn.Module):
     """y = second(first(x)) with first: in → rank (no bias), second: rank → out."""
 
+    LAYOUT_TYPE = "lowrank"  # checkpoint manifests record {"type": "lowrank", "rank": r} (checkpoint.manifest)
+
+    def layout(self) -> dict:
+        return {"type": self.LAYOUT_TYPE, "rank": int(self.rank)}
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
@@ -95,6 +100,11 @@ class LowRankConv2d(nn.Module):
     weights of `conv` are not read. device/dtype default to the conv weight's.
     """
 
+    LAYOUT_TYPE = "lowrank"
+
+    def layout(self) -> dict:
+        return {"type": self.LAYOUT_TYPE, "rank": int(self.rank)}
+
     def __init__(self, conv: nn.Conv2d, rank: int, device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
@@ -152,20 +162,19 @@ class LowRankConv2d(nn.Module):
         return dense
 
 
-def _is_inrank(module: nn.Module) -> bool:
-    from dist_lowrank.layers.inrank import InRankLinear  # inrank imports this module
-
-    return isinstance(module, InRankLinear)
+def _is_linear_shaped(module: nn.Module) -> bool:
+    """A method's own Linear-like layer (declares in_features/out_features, e.g. InRank's W0 + U Vᵀ)."""
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
 
 
 def build_factorized(dense: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
-    """The factorized replacement of a Linear / Conv2d / HF Conv1D (or an InRank layer: efficient
-    InRank's fold of W0 + U Vᵀ) from precomputed factors A (m×r), B (r×n)."""
+    """The factorized replacement of a Linear / Conv2d / HF Conv1D (or a method's Linear-shaped layer, e.g.
+    efficient InRank's fold of W0 + U Vᵀ) from precomputed factors A (m×r), B (r×n)."""
     if isinstance(dense, nn.Conv2d):
         return LowRankConv2d.from_factors(dense, a, b)
-    if isinstance(dense, nn.Linear) or is_hf_conv1d(dense) or _is_inrank(dense):
+    if isinstance(dense, nn.Linear) or is_hf_conv1d(dense) or _is_linear_shaped(dense):
         return LowRankLinear.from_factors(dense, a, b)
-    raise TypeError(f"cannot factorize {type(dense).__name__} (Linear, Conv2d, Conv1D, InRankLinear)")
+    raise TypeError(f"cannot factorize {type(dense).__name__} (Linear, Conv2d, Conv1D, Linear-shaped layers)")
 
 
 def empty_factorized(dense: nn.Module, rank: int, device=None, dtype=None) -> nn.Module:

@@ -24,7 +24,8 @@ def matrix_dims(module: nn.Module) -> tuple[int, int]:
         return module.out_channels, module.in_channels // module.groups * kh * kw
     if is_hf_conv1d(module):
         return module.nf, module.nx
-    if isinstance(module, nn.Linear) or type(module).__name__ == "InRankLinear":
+    if isinstance(module, nn.Linear) or (isinstance(getattr(module, "in_features", None), int)
+                                         and isinstance(getattr(module, "out_features", None), int)):
         return module.out_features, module.in_features
     raise TypeError(f"{type(module).__name__} is not a factorizable layer (Linear, Conv2d, Conv1D)")
 

@@ -62,7 +62,7 @@ def check_family(make_backend: Callable[[torch.nn.Module, Any], Any], rank: int,
     """Both halves (Cuttlefish switch, InRank growth) on one backend family, under DeviceDiscipline."""
     from dist_lowrank.config import config_from_dict
     from dist_lowrank.controller import LowRankController
-    from dist_lowrank.inrank_model import inrank_layers, to_inrank
+    from dist_lowrank.methods.inrank.model import inrank_layers, to_inrank
     from dist_lowrank.plan import Plan
     from examples.common import digits, mlp
     from tests.device_discipline import DeviceDiscipline
@@ -88,12 +88,12 @@ def check_family(make_backend: Callable[[torch.nn.Module, Any], Any], rank: int,
     with DeviceDiscipline() as check:
         backend = make_backend(to_inrank(mlp(), cfg), cfg)
         controller = LowRankController(backend, cfg)
-        svals = controller.spectrum(1)
+        svals = controller.method.spectrum(1, controller.probe)
         layers = inrank_layers(backend.unwrapped_model())
         caps = {n: m.capacity * 2 for n, m in layers.items()}
         widths = {n: m.rank + 1 for n, m in layers.items()}
         backend.execute(Plan("grow", 1, widths, capacities=caps))
-        svals_after = controller.spectrum(2)
+        svals_after = controller.method.spectrum(2, controller.probe)
         losses = [_step(backend, None, batches)]
     result.update(grow_violations=check.report(), grow_ops=check.ops, inrank_losses=losses,
                   svals={n: v.tolist() for n, v in svals.items()},
@@ -129,7 +129,7 @@ def fsdp2_family(rank: int, world: int) -> dict:
         def model_fn():  # the first call returns the model given; rebuilds (on meta) build the same structure
             if built:
                 return built.pop()
-            from dist_lowrank.inrank_model import to_inrank
+            from dist_lowrank.methods.inrank.model import to_inrank
             from examples.common import mlp
 
             return to_inrank(mlp(), cfg) if cfg.strategy == "inrank" else mlp()

@@ -38,7 +38,7 @@ def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
         losses.append(float(loss.detach()))
         with torch.no_grad():
             before = backend.model(probe).clone()
-        check = controller.strategy.is_check_step(step)
+        check = controller.method.rule.is_check_step(step)
         state_before = untouched_state(backend) if check else None
         plan = controller.after_step(step, losses[-1])
         if plan is not None:
@@ -67,7 +67,7 @@ def config(fold: bool):
 def ddp_inrank_worker(rank: int, world: int, fold: bool = False):
     from dist_lowrank.backends.ddp_backend import DDPBackend
     from dist_lowrank.controller import LowRankController
-    from dist_lowrank.inrank_model import to_inrank
+    from dist_lowrank.methods.inrank.model import to_inrank
     from examples.common import mlp
 
     cfg = config(fold)
@@ -80,7 +80,7 @@ def ddp_inrank_worker(rank: int, world: int, fold: bool = False):
 def reference_inrank(fold: bool = False) -> dict:
     from dist_lowrank.backends.local_backend import LocalBackend
     from dist_lowrank.controller import LowRankController
-    from dist_lowrank.inrank_model import to_inrank
+    from dist_lowrank.methods.inrank.model import to_inrank
     from examples.common import mlp
 
     cfg = config(fold)
@@ -96,8 +96,8 @@ def fsdp2_inrank_worker(rank: int, world: int, fold: bool = False):
 
     from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
     from dist_lowrank.controller import LowRankController
-    from dist_lowrank.inrank_model import to_inrank
-    from dist_lowrank.layers import InRankLinear
+    from dist_lowrank.methods.inrank.model import to_inrank
+    from dist_lowrank.methods.inrank.layer import InRankLinear
     from examples.common import mlp
 
     cfg = config(fold)
@@ -117,7 +117,7 @@ def fsdp2_inrank_worker(rank: int, world: int, fold: bool = False):
 def deepspeed_inrank_worker(rank: int, world: int, stage: int, fold: bool = False):
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
     from dist_lowrank.controller import LowRankController
-    from dist_lowrank.inrank_model import to_inrank
+    from dist_lowrank.methods.inrank.model import to_inrank
     from examples.common import mlp
 
     cfg = config(fold)

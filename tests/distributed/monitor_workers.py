@@ -142,7 +142,7 @@ def spectrum_worker(rank: int, world: int, layout: str):
     """σ(U[:, :k] V[:, :k]ᵀ) from shard views of tall factors (rows / ZeRO-3 flat / replicated)."""
     import torch
 
-    from dist_lowrank.spectrum import lowrank_singular_values
+    from dist_lowrank.methods.inrank.spectrum import lowrank_singular_values
 
     gen = torch.Generator().manual_seed(5)
     u, v = torch.randn(37, 12, generator=gen), torch.randn(29, 12, generator=gen)

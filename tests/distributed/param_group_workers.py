@@ -127,7 +127,7 @@ def growth_check(kind: str, rank: int, world: int) -> dict:
     """InRank growth past capacity at step 10 (tests/distributed/inrank_workers.py's config) with the two
     groups and the LambdaLR instance: groups, schedule, U/V steps and untouched state after it."""
     from dist_lowrank.controller import LowRankController
-    from dist_lowrank.inrank_model import to_inrank
+    from dist_lowrank.methods.inrank.model import to_inrank
     from examples.common import digits, mlp
     from examples.param_groups_accumulation import ds_config, optimizer_and_scheduler
     from tests.distributed.inrank_workers import config

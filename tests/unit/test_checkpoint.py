@@ -13,7 +13,8 @@ from dist_lowrank.checkpoint.manifest import apply_layout, check_layout, layout_
 from dist_lowrank.checkpoint.store import COMMIT, begin_save, commit, committed_steps, latest_committed, \
     resolve_checkpoint
 from dist_lowrank.errors import CheckpointError, ConfigError
-from dist_lowrank.layers import InRankLinear, LowRankLinear
+from dist_lowrank.layers import LowRankLinear
+from dist_lowrank.methods.inrank.layer import InRankLinear
 from dist_lowrank.train.config_file import load_train_config
 from dist_lowrank.train.loop import train
 from tests.distributed.ckpt_common import CKPT, CONFIG, losses
@@ -120,7 +121,7 @@ def test_apply_layout_builds_saved_shapes_and_names_wrong_layers():
         apply_layout(nn.Sequential(nn.Linear(4, 4)), {"5": {"type": "lowrank", "rank": 1}})
     with pytest.raises(CheckpointError, match=r"layout\.1: saved as factorized, but the model's layer is ReLU"):
         apply_layout(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), {"1": {"type": "lowrank", "rank": 1}})
-    with pytest.raises(CheckpointError, match="to_inrank"):
+    with pytest.raises(CheckpointError, match=r"layout\.0: saved as 'inrank', but the model's layer is Linear .*prepare_model"):
         apply_layout(nn.Sequential(nn.Linear(4, 4)), {"0": {"type": "inrank", "width": 2, "capacity": 4}})
 
 

@@ -28,12 +28,12 @@ def test_nonfinite_steps_are_not_fed_to_the_strategy():
     controller = LowRankController(backend(), cfg)
     controller.start()
     assert controller.after_step(1, 1.0) is None
-    history = list(controller.strategy.history["2"])
+    history = list(controller.method.rule.history["2"])
     assert controller.after_step(2, float("nan")) is None
     assert controller.after_step(3, float("inf")) is None
-    assert controller.strategy.history["2"] == history and controller.skipped_steps == 2
+    assert controller.method.rule.history["2"] == history and controller.skipped_steps == 2
     controller.after_step(4, 0.5)
-    assert len(controller.strategy.history["2"]) == len(history) + 1
+    assert len(controller.method.rule.history["2"]) == len(history) + 1
     assert [e["event"] for e in controller.events].count("skipped_nonfinite") == 2
 
 

@@ -10,9 +10,9 @@ from dist_lowrank.backends.local_backend import LocalBackend
 from dist_lowrank.config import config_from_dict
 from dist_lowrank.controller import LowRankController
 from dist_lowrank.errors import ConfigError
-from dist_lowrank.inrank_model import inrank_layers, to_inrank
+from dist_lowrank.methods.inrank.model import inrank_layers, to_inrank
 from dist_lowrank.layers import max_saving_rank
-from dist_lowrank.strategies import next_capacity
+from dist_lowrank.methods.inrank.rule import next_capacity
 from examples.common import mlp
 
 pytestmark = pytest.mark.unit

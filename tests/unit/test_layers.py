@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from dist_lowrank.layers import (InRankLinear, LowRankConv2d, LowRankLinear, build_factorized, empty_factorized,
+from dist_lowrank.methods.inrank.layer import InRankLinear
+from dist_lowrank.layers import (LowRankConv2d, LowRankLinear, build_factorized, empty_factorized,
                                  factor_pairs, frobenius_decay_, frobenius_penalty, matrix_dims, max_saving_rank,
                                  saves_parameters, weight_matrix)
 

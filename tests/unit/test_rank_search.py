@@ -14,7 +14,8 @@ from torch import nn
 from dist_lowrank.config import CuttlefishConfig, FixedConfig
 from dist_lowrank.plan import Plan
 from dist_lowrank.profiling import SEARCH_CANDIDATES, keep_dense_where_not_faster, search_ranks
-from dist_lowrank.strategies import CuttlefishStrategy, FixedRatioStrategy
+from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy
+from dist_lowrank.methods.fixed.rule import FixedRatioStrategy
 
 pytestmark = pytest.mark.unit
 CPU = torch.device("cpu")

@@ -12,8 +12,11 @@ import torch
 from dist_lowrank.config import CuttlefishConfig, FixedConfig, InRankConfig, LowRankConfig
 from dist_lowrank.linalg import explained_ratio
 from dist_lowrank.plan import Plan
-from dist_lowrank.strategies import (CuttlefishStrategy, FixedRatioStrategy, InRankGrowthRule, InRankStrategy,
-                                     build_strategy, ema, next_capacity, stability_score)
+from dist_lowrank.errors import ConfigError
+from dist_lowrank.methods import method_class
+from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy, ema, stability_score
+from dist_lowrank.methods.fixed.rule import FixedRatioStrategy
+from dist_lowrank.methods.inrank.rule import InRankGrowthRule, next_capacity
 
 pytestmark = pytest.mark.unit
 DIMS = {"a": (64, 64), "b": (128, 32)}
@@ -274,7 +277,7 @@ def test_inrank_fix_and_state_round_trip():
     rule = InRankGrowthRule(cfg, {"a": (64, 64)})
     assert rule.observe(5, {"a": 3.0}) is None  # spectra, not stable ranks, drive InRank
     assert rule.decide(5, {"a": near_flat(6)}, {"a": 2}, {"a": 8}).ranks == {"a": 6}
-    resumed = InRankStrategy(cfg, {"a": (64, 64)})
+    resumed = InRankGrowthRule(cfg, {"a": (64, 64)})
     resumed.load_state_dict(json.loads(json.dumps(rule.state_dict())))
     assert resumed.decisions == rule.decisions and not resumed.done
     for r in (rule, resumed):
@@ -303,11 +306,14 @@ def test_fixed_ratio():
     assert no_warmup.observe(0, {}) is None and no_warmup.observe(1, {}).ranks == {"a": 26}  # 0 = init
 
 
-def test_build_strategy():
+def test_method_registry():
+    """Each lowrank.strategy value reaches its method folder's rule, with the config's settings."""
     dims = {"a": (64, 64)}
-    assert build_strategy(LowRankConfig(strategy="none"), dims) is None
-    assert isinstance(build_strategy(LowRankConfig(strategy="cuttlefish", min_rank=5), dims), CuttlefishStrategy)
-    assert build_strategy(LowRankConfig(strategy="cuttlefish", min_rank=5), dims).min_rank == 5
-    assert isinstance(build_strategy(LowRankConfig(strategy="fixed"), dims), FixedRatioStrategy)
-    inrank = build_strategy(LowRankConfig(strategy="inrank", inrank=InRankConfig(tau=0.7)), dims)
+    assert method_class("none") is None
+    cuttlefish = method_class("cuttlefish").make_rule(LowRankConfig(strategy="cuttlefish", min_rank=5), dims)
+    assert isinstance(cuttlefish, CuttlefishStrategy) and cuttlefish.min_rank == 5
+    assert isinstance(method_class("fixed").make_rule(LowRankConfig(strategy="fixed"), dims), FixedRatioStrategy)
+    inrank = method_class("inrank")(LowRankConfig(strategy="inrank", inrank=InRankConfig(tau=0.7)), {}, dims).rule
     assert isinstance(inrank, InRankGrowthRule) and inrank.cfg.tau == 0.7
+    with pytest.raises(ConfigError, match=r"lowrank.strategy: got 'bogus'; allowed: cuttlefish, fixed, inrank, none"):
+        method_class("bogus")

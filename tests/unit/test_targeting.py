@@ -7,7 +7,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from dist_lowrank.errors import ConfigError
-from dist_lowrank.layers import InRankLinear, LowRankConv2d, LowRankLinear
+from dist_lowrank.layers import LowRankConv2d, LowRankLinear
+from dist_lowrank.methods.inrank.layer import InRankLinear
 from dist_lowrank.surgery import apply_rank_plan, count_parameters, replace_module
 from dist_lowrank.targeting import select_targets
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from dist_lowrank.config import LowRankConfig, config_from_dict
 from dist_lowrank.errors import ConfigError
-from dist_lowrank.inrank_model import inrank_layers, to_inrank
+from dist_lowrank.methods.inrank.model import inrank_layers, to_inrank
 from dist_lowrank.monitor import RankMonitor
 from dist_lowrank.profiling import plugin_rng
 from dist_lowrank.shard_view import ShardView, replicated_view

@@ -86,7 +86,7 @@ def test_inrank_conversion_leaves_the_tied_head_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dist_lowrank.config import load_config
-    from dist_lowrank.inrank_model import inrank_layers, to_inrank
+    from dist_lowrank.methods.inrank.model import inrank_layers, to_inrank
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dist_lowrank.layers import InRankLinear
-from dist_lowrank.layers.inrank import _random_v
+from dist_lowrank.methods.inrank.layer import InRankLinear, _random_v
 from dist_lowrank.reshape.builders import factorize_layer, like
 from dist_lowrank.reshape.change import Embed, Gather, Keep, LayerChange, ParamChange, ShapeChange
 

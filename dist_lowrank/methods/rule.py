@@ -1,4 +1,4 @@
-"""What a strategy is: a pure function of observed statistics to an optional Plan, with state."""
+"""What a decision rule is: a pure function of observed statistics to an optional Plan, with state (no torch.distributed, no engines)."""
 from __future__ import annotations
 
 import math

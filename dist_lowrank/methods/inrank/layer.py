@@ -40,6 +40,7 @@ class InRankLinear(nn.Module):
     """
 
     RESHAPE_ATTRS = ("_rank",)  # Python-side state a rebuild from a skeleton must carry over (reshape.change)
+    LAYOUT_TYPE = "inrank"      # checkpoint manifests record {"type": "inrank", "width", "capacity"}
 
     def __init__(self, in_features: int, out_features: int, rank: int, capacity: int, w0_mode: str = "frozen",
                  bias: bool = True, seed: int = 0, device: Optional[torch.device] = None,
@@ -72,6 +73,16 @@ class InRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
                 f"capacity={self.capacity}, w0_mode={self.w0_mode!r}")
+
+    def layout(self) -> dict:
+        return {"type": self.LAYOUT_TYPE, "width": int(self.rank), "capacity": int(self.capacity)}
+
+    def with_layout(self, entry: dict) -> "InRankLinear":
+        """This layer at a checkpoint's capacity and active width (a new module when the capacity differs)."""
+        grown = self.with_capacity(int(entry["capacity"])) if entry["capacity"] != self.capacity else self
+        if entry["width"] != grown.rank:
+            grown.grow(int(entry["width"]))
+        return grown
 
     def lowrank_part(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The active factors (U[:, :r] out×r, V[:, :r] in×r); the low-rank update is U Vᵀ."""

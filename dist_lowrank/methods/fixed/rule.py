@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from dist_lowrank.config import FixedConfig
+from dist_lowrank.methods.fixed.config import FixedConfig
 from dist_lowrank.layers import saves_parameters
 from dist_lowrank.plan import Plan
-from dist_lowrank.strategies.base import Strategy
+from dist_lowrank.methods.rule import Strategy
 
 
 class FixedRatioStrategy(Strategy):

@@ -9,8 +9,9 @@ from torch import nn
 
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.errors import ConfigError
-from dist_lowrank.layers import InRankLinear, matrix_dims
-from dist_lowrank.strategies.inrank import initial_capacity, trained_width
+from dist_lowrank.layers import matrix_dims
+from dist_lowrank.methods.inrank.layer import InRankLinear
+from dist_lowrank.methods.inrank.rule import initial_capacity, trained_width
 from dist_lowrank.surgery import replace_module
 from dist_lowrank.targeting import select_targets
 

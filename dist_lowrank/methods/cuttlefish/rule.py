@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from dist_lowrank.config import CuttlefishConfig
+from dist_lowrank.methods.cuttlefish.config import CuttlefishConfig
 from dist_lowrank.layers import saves_parameters
 from dist_lowrank.plan import Plan
-from dist_lowrank.strategies.base import NonFiniteFilter, Strategy
+from dist_lowrank.methods.rule import NonFiniteFilter, Strategy
 
 RELAX_FACTORS = {2: 2.5, 1: 5.0}  # layers still unstable -> threshold multiplier (reference: 2.5, then 2 × 2.5)
 

@@ -8,8 +8,8 @@ Capacity (what is physically allocated) must hold the trained width r + buffer (
 buffer columns are trained too); when it does not, it grows geometrically — ×growth_factor, rounded
 up to a multiple — so resharding happens O(log r) times per layer, not at every growth.
 
-InRank is driven by spectra, not stable ranks: `InRankGrowthRule` is itself the Strategy (observe
-returns None; the controller calls `decide` with singular values). `InRankStrategy` is that class.
+InRank is driven by spectra, not stable ranks: `InRankGrowthRule.decide` takes singular values (its Method,
+methods/inrank/method.py, measures them); `observe` returns None.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from typing import Any, Optional
 
 import torch
 
-from dist_lowrank.config import InRankConfig
+from dist_lowrank.methods.inrank.config import InRankConfig
 from dist_lowrank.layers import max_saving_rank
 from dist_lowrank.linalg import explained_variance_rank
 from dist_lowrank.plan import Plan
-from dist_lowrank.strategies.base import Strategy
+from dist_lowrank.methods.rule import Strategy
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -116,6 +116,3 @@ class InRankGrowthRule(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = bool(state["done"])
         self.decisions = list(state.get("decisions", []))
-
-
-InRankStrategy = InRankGrowthRule  # the Strategy-interface name; one class, no adapter needed

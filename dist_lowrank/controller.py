@@ -134,36 +134,13 @@ class LowRankController:
         measurements: dict[str, Any] = {}
         if change is not None and change.layers:
             self.coordinator.arrive(f"{change.kind} at step {plan.step}", self.cfg.switch.barrier_timeout_s)
-            if hasattr(self.backend, "apply"):
-                measurements = dict(self.backend.apply(change))
-            else:
-                measurements = self._legacy_execute(change)  # TEMPORARY (issue 15 integration)
+            measurements = dict(self.backend.apply(change))
             measurements = {"per_rank": self.coordinator.gather_objects(measurements), **measurements}
         event = {"event": plan.kind, "step": plan.step, **self.method.committed(plan, measurements)}
         if timing or plan.kind == "switch":
             event["timing"] = timing
         self._emit(event)
         return plan
-
-    def _legacy_execute(self, change) -> dict[str, Any]:
-        """TEMPORARY until every backend has `apply`: the old plan-based entry point."""
-        from dist_lowrank.backends.ds_memory import RssPeak
-
-        modules = dict(self.backend.unwrapped_model().named_modules())
-        with torch.device("meta"):
-            built = {layer.name: layer.build(modules[layer.name]) for layer in change.layers}
-        if change.kind == "grow":
-            legacy = Plan("grow", change.step, {n: m.rank for n, m in built.items()},
-                          capacities={n: m.capacity for n, m in built.items()})
-        else:
-            legacy = Plan("switch", change.step, {n: m.rank for n, m in built.items()},
-                          factor_moments="projected" if any(p.state == "project" for layer in change.layers
-                                                            for p in layer.params.values()) else "zero",
-                          lr_scale=change.lr_scale)
-        with RssPeak() as rss:
-            measurements = dict(self.backend.execute(legacy))
-        measurements.setdefault("peak_rss_delta_mb", rss.delta_mb)
-        return measurements
 
     # -- around backward ---------------------------------------------------------------------------------
     def regularize(self, loss: torch.Tensor) -> torch.Tensor:

@@ -14,15 +14,11 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from dist_lowrank.device import comm_device
+from dist_lowrank.device import comm_device, is_distributed
 from dist_lowrank.errors import PlanMismatchError, RemoteRankError, StragglerError
 from dist_lowrank.plan import Plan
 
 NO_PLAN = "no-plan"
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class Coordinator:
@@ -34,15 +30,15 @@ class Coordinator:
 
     @property
     def rank(self) -> int:
-        return dist.get_rank(self.group) if _distributed() else 0
+        return dist.get_rank(self.group) if is_distributed() else 0
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size(self.group) if _distributed() else 1
+        return dist.get_world_size(self.group) if is_distributed() else 1
 
     def broadcast_values(self, values: dict[str, float]) -> dict[str, float]:
         """Rank 0's values for the same (sorted) keys on every rank; NaN survives as NaN."""
-        if not _distributed():
+        if not is_distributed():
             return dict(values)
         names = sorted(values)
         tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=comm_device())
@@ -52,7 +48,7 @@ class Coordinator:
     def agree(self, plan: Optional[Plan]) -> Optional[Plan]:
         """Return the plan if every rank holds the same one (or none); else PlanMismatchError everywhere."""
         digest = plan.digest() if plan is not None else NO_PLAN
-        if not _distributed():
+        if not is_distributed():
             return plan
         digests: list[Optional[str]] = [None] * self.world_size
         dist.all_gather_object(digests, digest, group=self.group)
@@ -68,7 +64,7 @@ class Coordinator:
         """Collective: if any rank passes an error, every rank raises a named error about it (the failing
         ranks and the first one's cause). The common case costs one all-reduce of a flag; the messages are
         gathered only when something failed."""
-        if not _distributed():
+        if not is_distributed():
             if error is not None:
                 raise error
             return
@@ -101,7 +97,7 @@ class Coordinator:
         """Collective: wait for every rank before `phase`, at most `timeout_s`; a rank that does not arrive
         is named (torch's monitored_barrier reports which ranks failed to respond) instead of a silent hang.
         monitored_barrier needs gloo: with another backend (nccl) a gloo group of the same ranks is used."""
-        if not _distributed():
+        if not is_distributed():
             return
         from datetime import timedelta
 
@@ -119,7 +115,7 @@ class Coordinator:
 
     def gather_objects(self, obj: object) -> list:
         """Every rank's `obj`, in rank order, on every rank (small records such as switch measurements)."""
-        if not _distributed():
+        if not is_distributed():
             return [obj]
         out: list = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
@@ -127,7 +123,7 @@ class Coordinator:
 
     def all_true(self, flag: bool) -> bool:
         """Collective AND (used for 'was this step finite on every rank')."""
-        if not _distributed():
+        if not is_distributed():
             return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)

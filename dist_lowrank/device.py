@@ -16,6 +16,11 @@ import torch.distributed as dist
 from torch import nn
 
 
+def is_distributed() -> bool:
+    """A process group is up (torch.distributed available and initialized): the one test every module uses."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def default_device() -> torch.device:
     """CUDA (this process's LOCAL_RANK) when available, else CPU."""
     if torch.cuda.is_available():
@@ -33,7 +38,7 @@ def default_dist_backend() -> str:
 
 def comm_device() -> torch.device:
     """Where tensors must live for collectives of the initialized process group (cuda for nccl)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+    if is_distributed() and dist.get_backend() == "nccl":
         return default_device()
     return torch.device("cpu")
 

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from dist_lowrank.device import is_distributed
+
 
 class InjectedFault(RuntimeError):
     """The failure a test asked for (never raised unless DIST_LOWRANK_FAULT is set)."""
@@ -32,7 +34,7 @@ def maybe_fault(point: str, step: Optional[int] = None) -> None:
         return
     where, action, rank, *rest = spec.split(":")
     name, _, at_step = where.partition("@")
-    me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    me = dist.get_rank() if is_distributed() else 0
     if name != point or int(rank) != me or (at_step and step != int(at_step)):
         return
     once = os.environ.get("DIST_LOWRANK_FAULT_ONCE")

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from dist_lowrank.device import comm_device
+from dist_lowrank.device import comm_device, is_distributed
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.linalg import SrankResult, sigma_max_batched, sigma_max_gram, stable_rank
 from dist_lowrank.shard_view import ShardView, row_runs
@@ -31,10 +31,6 @@ _STATUS_CODES = {"ok": 0.0, "zero": 1.0, "nonfinite": 2.0}
 # instead of the ring's 2(p-1)/p·n (equal at p = 2). NCCL, or more ranks, use all_reduce.
 GATHER_SUM_MAX_WORLD = 2
 _CODE_STATUS = {v: k for k, v in _STATUS_CODES.items()}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class _LocalPiece:
@@ -109,7 +105,7 @@ class RankMonitor:
     # -- collectives (counted) -------------------------------------------------------------------
     def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
         """Sum (or `op`) over ranks; identical bits on every rank. Counted: one collective, the input's bytes."""
-        if not _distributed():
+        if not is_distributed():
             return tensor
         device = comm_device()
         moved = tensor.to(device)
@@ -131,8 +127,8 @@ class RankMonitor:
     def estimate(self, views: list[ShardView]) -> dict[str, SrankResult]:
         """Stable rank of every viewed layer; collective when a process group is initialized."""
         self.stats = MonitorStats()
-        replicated = [v for v in views if v.replicated or not _distributed()]
-        sharded = [v for v in views if not (v.replicated or not _distributed())]
+        replicated = [v for v in views if v.replicated or not is_distributed()]
+        sharded = [v for v in views if not (v.replicated or not is_distributed())]
         results: dict[str, SrankResult] = {}
         results.update(self._estimate_replicated(replicated))
         results.update(self._estimate_sharded(sharded))
@@ -141,8 +137,8 @@ class RankMonitor:
     def _estimate_replicated(self, views: list[ShardView]) -> dict[str, SrankResult]:
         if not views:
             return {}
-        world = dist.get_world_size(self.group) if _distributed() else 1
-        me = dist.get_rank(self.group) if _distributed() else 0
+        world = dist.get_world_size(self.group) if is_distributed() else 1
+        me = dist.get_rank(self.group) if is_distributed() else 0
         owners = spread_by_cost([v.dims[0] * v.dims[1] for v in views], world)
         table = torch.zeros(len(views), 4, dtype=torch.float64)
         for i, view in enumerate(views):
@@ -199,7 +195,7 @@ class RankMonitor:
             return self._all_reduce(torch.cat(parts))
         vote = torch.tensor([self._vote], dtype=parts[0].dtype, device=parts[0].device)
         reduced = self._all_reduce(torch.cat(parts + [vote]))
-        world = dist.get_world_size(self.group) if _distributed() else 1
+        world = dist.get_world_size(self.group) if is_distributed() else 1
         self._agreed = float(reduced[-1]) >= world
         return reduced[:-1]
 

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_lowrank.device import comm_device
-from dist_lowrank.layers import LowRankConv2d, LowRankLinear
+from dist_lowrank.device import comm_device, is_distributed
+from dist_lowrank.layers import LowRankConv2d, LowRankLinear, is_hf_conv1d
 from dist_lowrank.plan import Plan
 
 
@@ -166,7 +166,7 @@ def _timing_key(module: nn.Module, shape: tuple[int, ...], rank: Optional[int]) 
     if isinstance(module, nn.Conv2d):
         dims: tuple = ("conv2d", module.in_channels, module.out_channels, module.kernel_size, module.stride,
                        module.padding, module.dilation, module.bias is not None)
-    elif hasattr(module, "nf") and hasattr(module, "nx"):
+    elif is_hf_conv1d(module):
         dims = ("linear", module.nx, module.nf)
     else:
         dims = ("linear", module.in_features, module.out_features)
@@ -176,7 +176,7 @@ def _timing_key(module: nn.Module, shape: tuple[int, ...], rank: Optional[int]) 
 
 def _all_reduce_mean(local: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (one all-reduce on the comm device); identity without a process group."""
-    if dist.is_available() and dist.is_initialized() and local.numel():
+    if is_distributed() and local.numel():
         moved = local.to(comm_device())
         dist.all_reduce(moved)
         return moved.cpu() / dist.get_world_size()

@@ -35,10 +35,11 @@ def worker(rank: int, world: int, backend_name: str, width: int, layers: int) ->
     import torch
     import torch.nn.functional as F
 
-    from dist_lowrank.backends.local_backend import peak_rss_mb
+    from dist_lowrank.reshape.pipeline import peak_rss_mb
     from dist_lowrank.linalg import stable_rank
     from dist_lowrank.monitor import RankMonitor
     from dist_lowrank.plan import Plan
+    from dist_lowrank.reshape.builders import switch_change
 
     def optimizer(params):
         return torch.optim.AdamW(params, lr=1e-3)
@@ -103,7 +104,7 @@ def worker(rank: int, world: int, backend_name: str, width: int, layers: int) ->
         exact[name] = stable_rank(full, "exact").value
     worst = max(abs(estimates[n].value - exact[n]) / exact[n] for n in names)
     plan = Plan("switch", 6, {n: width // 8 for n in names})
-    measurements = backend.execute(plan)
+    measurements = backend.apply(switch_change(backend.unwrapped_model(), plan.ranks, plan.step))
     train_step()
     return {"backend": backend_name, "rank": rank, "worst_rel_error": worst, "monitor_bytes": monitor.stats.bytes,
             "monitor_collectives": monitor.stats.collectives, "gather_bytes": 4 * width * width * layers,

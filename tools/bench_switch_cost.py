@@ -1,7 +1,7 @@
 """Switch cost per backend on 2 gloo ranks (issue 8 item 6): latency in training steps and peak memory.
 
 Compared, in the same process and repeat: the median training step before the switch (the time unit) and one
-`backend.execute(Plan("switch", ...))` that factorizes every hidden layer of a stack of square Linear layers
+`backend.apply(switch_change(...))` that factorizes every hidden layer of a stack of square Linear layers
 (tools/bench_switch.py's `build`, width 512, rank width/8) for 2, 4, 8, 16 layers on DDP, FSDP2, ZeRO-2, ZeRO-3;
 and the peak RSS during the steady training steps vs during the switch (sampled every 2 ms by
 dist_lowrank.backends.ds_memory.RssPeak). Latency = switch seconds / step seconds; "incl.1st" also charges the
@@ -104,7 +104,7 @@ def measure(backend: Any, train_step: Callable[[], float], plan: Any, steps: int
     dist.barrier()
     with RssPeak() as during:
         start = time.perf_counter()
-        measurements = backend.execute(plan)
+        measurements = backend.apply(switch_change(backend.unwrapped_model(), plan.ranks, plan.step))
         switch_s = time.perf_counter() - start
     first_after = train_step()
     after = [train_step() for _ in range(steps)]
@@ -138,6 +138,8 @@ def worker(rank: int, world: int, backend_name: str, width: int, layer_counts: l
     import torch.nn.functional as F
 
     from dist_lowrank.plan import Plan
+
+    from dist_lowrank.reshape.builders import switch_change
 
     if backend_name.startswith("zero"):  # imports and DeepSpeed's comm setup before the baseline RSS
         from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed

@@ -8,7 +8,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from dist_lowrank.plan import Plan
 
 
 class Backend(ABC):
@@ -38,28 +37,35 @@ class Backend(ABC):
             view.name = name
         return views
 
-    @abstractmethod
-    def execute(self, plan: Plan) -> dict[str, Any]:
-        """Carry out `plan` on every rank (collective); returns measurements (time, peak memory, bytes)."""
+    def apply(self, change: Any) -> dict[str, Any]:
+        """Carry out a `reshape.ShapeChange` on every rank (collective) through the one pipeline; returns its
+        measurements (seconds, parameters before/after, peak memory during the change)."""
+        from dist_lowrank.reshape.pipeline import run
 
-    # -- primitives of the reshape pipeline (dist_lowrank.reshape.pipeline); issue 15 contract -------------
+        return run(self, change)
+
+    # -- primitives of the reshape pipeline (dist_lowrank.reshape.pipeline) ------------------------------
     # Every rank calls each of them, in the same order (they may be collective).
+    @abstractmethod
     def gather(self, param: torch.Tensor) -> torch.Tensor:
         """The full tensor of a parameter of `unwrapped_model()` (its fp32 master where the engine keeps one)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def full_state(self, param: torch.Tensor) -> Optional[dict[str, Any]]:
         """The parameter's optimizer state as full tensors (Adam: exp_avg, exp_avg_sq, step), None before it has any."""
-        raise NotImplementedError
 
+    def values_dtype(self, param: torch.Tensor) -> torch.dtype:
+        """The dtype `gather` returns for `param` (the dtype factors are broadcast in)."""
+        return param.dtype
+
+    @abstractmethod
     def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Carry out a `reshape.ShapeChange`: put `modules` (layer name -> the new module, built by the change, values
         not yet written) in place of the old layers, write `values` (full parameter name -> full tensor; every new
         parameter except `Keep` ones) and `states` (full name -> full optimizer state; absent = fresh), rebuild the
         engine / wrapper / optimizer with the change's param-group rules, release the old ones. Every untouched
-        parameter keeps its value and optimizer state bit for bit. Returns measurements (params_before/after, ...)."""
-        raise NotImplementedError
+        parameter keeps its value and optimizer state bit for bit. Returns engine-specific measurements (or {})."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward pass the way this engine wants it (DeepSpeed overrides: engine.backward)."""

@@ -24,7 +24,6 @@ DeepSpeed's own collectives (gathers, `deepspeed.initialize`) is left to the pro
 from __future__ import annotations
 
 import gc
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,21 +33,16 @@ from torch import nn
 
 from dist_lowrank.backends import ds_loss_scale
 from dist_lowrank.backends.base import Backend
+from dist_lowrank.backends.ds_cleanup import release_engine
 from dist_lowrank.backends.ds_master_views import master_view
-from dist_lowrank.backends.ds_memory import RssPeak
 from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
-from dist_lowrank.backends.local_backend import peak_rss_mb
 from dist_lowrank.backends.param_groups import (GroupLayout, OptimizerSpec, ParamGroup, SchedulerSpec, first_optimizer,
                                                 is_scheduler_instance, optimizer_recipe, rebind_scheduler,
                                                 rebuilt_optimizer)
 from dist_lowrank.coordinator import Coordinator
-from dist_lowrank.device import comm_device
 from dist_lowrank.errors import CheckpointError, DistLowRankError
 from dist_lowrank.faults import maybe_fault
-from dist_lowrank.backends.optim_state import embed_state
-from dist_lowrank.layers import InRankLinear, empty_factorized
-from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread, layer_fetcher, projected_factor_states
+from dist_lowrank.reshape.materialize import materialize
 from dist_lowrank.shard_view import ShardView, replicated_view
 from dist_lowrank.surgery import count_parameters, replace_module
 
@@ -249,80 +243,45 @@ class DeepSpeedBackend(Backend):
                 views.append(replicated_view(name, param))
         return views
 
-    # -- switch and growth ------------------------------------------------------------------------
-    def execute(self, plan: Plan) -> dict[str, Any]:
-        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow").
+    # -- primitives of the reshape pipeline ------------------------------------------------------------
+    def gather(self, param: torch.Tensor) -> torch.Tensor:
+        """The full fp32 master (collective under ZeRO-3); a frozen parameter (no master) gathered as it is."""
+        return _full_fp32(param)
 
-        Measurements cover the whole change (gathers and SVDs included): `seconds`, `peak_rss_delta_mb`
-        (highest RSS during the change minus RSS before it), `peak_rss_mb` (process lifetime peak),
-        `layers`, `params_before`, `params_after`.
-        """
-        start, rss_before = time.perf_counter(), peak_rss_mb()
-        with RssPeak() as rss:
-            result = self._grow(plan) if plan.kind == "grow" else self._switch(plan)
-        result.update({"seconds": time.perf_counter() - start, "peak_rss_delta_mb": rss.delta_mb,
-                       "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before})
-        return result
+    def values_dtype(self, param: torch.Tensor) -> torch.dtype:
+        return torch.float32  # the optimizer's masters: what `gather` returns and what the new engine is given
 
-    def _switch(self, plan: Plan) -> dict[str, Any]:
-        """Factorize plan.ranks: one full fp32 master layer at a time, SVDs spread over the ranks."""
-        modules = dict(self.engine.module.named_modules())
-        names = sorted(plan.ranks)
-        biases: dict[str, Optional[torch.Tensor]] = {}
-        fetch = layer_fetcher(modules, _full_fp32, biases)
-        factors = factorize_spread(names, plan.ranks, fetch, dtype=torch.float32, device=comm_device())
-        states = self._projected_states(names, modules, factors) if plan.factor_moments == "projected" else {}
-        replacements, values = {}, {}
-        for name in names:
-            a, b = factors[name]
-            replacements[name] = self._factor_module(modules[name], a, b, biases[name])
-            values[f"{name}.first.weight"], values[f"{name}.second.weight"] = b, a
-            if biases[name] is not None:
-                values[f"{name}.second.bias"] = biases[name]
-        del modules, factors
-        # The dense layers' parameters leave; the factors get a param group of their own: Adam step 0 (zero
-        # moments) or, projected, the source group's step with the projected moments.
-        return self._rebuild(replacements, values, states, new_group=True, lr_scale=plan.lr_scale,
-                             carry_steps=bool(states))
-
-    def _projected_states(self, names: list[str], modules: dict, factors: dict) -> dict[str, dict[str, torch.Tensor]]:
-        """Full projected moments of every new parameter, on every rank (`safe_get_full_optimizer_state` is an
-        all-reduce of the fragments on ZeRO-1/2, a gather on ZeRO-3: every rank calls it in the same order);
-        `_write_full` then keeps this rank's fragment / partition. {} before the first optimizer step."""
+    def full_state(self, param: torch.Tensor) -> Optional[dict[str, Any]]:
+        """Full Adam moments of one parameter (`safe_get_full_optimizer_state`: an all-reduce of the fragments on
+        ZeRO-1/2, a gather on ZeRO-3); None before the first step or for a frozen parameter. The step is the
+        param group's (ZeRO keeps one per flat group), so it is not part of a parameter's state here."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        if self._group_steps()[0] is None:
-            return {}
-        self._relink_optimizer_state()
-
-        def read(_name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {k: safe_get_full_optimizer_state(param, k).detach().float() for k in MOMENTS}
-
-        return projected_factor_states(names, modules, factors, read)
-
-    def _grow(self, plan: Plan) -> dict[str, Any]:
-        """InRank layers past capacity: bigger U, V (old block kept, new U columns zero) and their moments
-        embedded; W0 and bias stay the same partitioned parameters. U, V keep their group and step."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        modules = dict(self.engine.module.named_modules())
-        has_state = self._group_steps()[0] is not None
-        if has_state:
+        if not param.requires_grad or self._group_steps()[0] is None:
+            return None
+        marker = (id(self.engine), getattr(self.engine, "global_steps", None))
+        if getattr(self, "_linked_at", None) != marker:
             self._relink_optimizer_state()
-        replacements, values, states = {}, {}, {}
-        for name in sorted(plan.capacities):
-            layer, capacity = modules[name], plan.capacities[name]
-            u, v = InRankLinear.grown_factors(safe_get_full_fp32_param(layer.u).detach().cpu(),
-                                              safe_get_full_fp32_param(layer.v).detach().cpu(), capacity,
-                                              layer.seed + capacity)
-            for pname, param, grown in ((f"{name}.u", layer.u, u), (f"{name}.v", layer.v, v)):
-                values[pname] = grown
-                if has_state:
-                    old = {k: safe_get_full_optimizer_state(param, k).detach().cpu() for k in MOMENTS}
-                    states[pname] = embed_state(old, grown.shape)
-            replacements[name] = InRankLinear.assemble(layer, u, v, plan.ranks[name])
-        del modules
-        return self._rebuild(replacements, values, states, new_group=False)
+            self._linked_at = marker
+        return {k: safe_get_full_optimizer_state(param, k).detach().float().cpu() for k in MOMENTS}
+
+    def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
+                states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """New modules swapped in (Keep parameters are the old, possibly partitioned, objects), a new engine,
+        every fp32 master and moment put in place. "companion" parameters go to companion groups: Adam step 0
+        (zero moments) or, with projected moments, the source group's step."""
+        old_modules = dict(self.engine.module.named_modules())
+        replacements = {}
+        for layer in change.layers:
+            old = old_modules[layer.name]
+            replacements[layer.name] = materialize(layer, modules[layer.name], old, next(old.parameters()).device,
+                                                   values)
+        del old_modules
+        params = [p for layer in change.layers for p in layer.params.values()]
+        companion = any(p.group == "companion" for p in params)
+        projected = any(p.state == "project" for p in params) and bool(states)
+        return self._rebuild(replacements, values, states, new_group=companion, lr_scale=change.lr_scale,
+                             carry_steps=projected)
 
     def _rebuild(self, replacements: dict[str, nn.Module], values: dict[str, torch.Tensor],
                  states: dict[str, dict[str, torch.Tensor]], new_group: bool, lr_scale: float = 1.0,
@@ -381,33 +340,9 @@ class DeepSpeedBackend(Backend):
                 "layers": len(replacements)}
 
     def _release_engine(self) -> None:
-        """Destroy the engine and undo what `destroy()` leaves behind on the module we keep: the engine's
-        forward hooks, ZeRO-3's per-module backward Functions, and ZeRO-3's class-level memo. Each of
-        them would keep the old engine, its optimizer, trace and replaced parameters alive (checked with
-        weakrefs in the tests), and the first two would run on the next forward/backward."""
+        """Destroy the engine and what `destroy()` leaves behind on the module we keep (ds_cleanup)."""
         engine, self.engine = self.engine, None
-        module = engine.module
-        engine.destroy()
-        _forget_zero3_backward_functions(module)
-        for attr in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
-            handle = getattr(engine, attr, None)
-            if handle is not None:
-                handle.remove()
-                setattr(engine, attr, None)
-        _clear_zero3_release_cache()
-
-    @staticmethod
-    def _factor_module(dense: nn.Module, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
-        """A factorized module built without reading the dense (possibly partitioned) parameters."""
-        reference = next(dense.parameters())  # Linear / Conv2d weight, or an InRank layer's U (fold)
-        dtype, device = reference.dtype, reference.device
-        new = empty_factorized(dense, a.shape[1], device=device, dtype=dtype).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            new.first.weight.copy_(b.reshape(new.first.weight.shape))
-            new.second.weight.copy_(a.reshape(new.second.weight.shape))
-            if bias is not None:
-                new.second.bias.copy_(bias)
-        return new
+        release_engine(engine)
 
     def _flat_partitions(self) -> list[tuple[int, torch.Tensor]]:
         """(client param group index, flat fp32 partition) pairs whose state the torch optimizer holds.
@@ -548,33 +483,3 @@ def _full_fp32(param: torch.Tensor) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             value = param.detach().clone()
     return value.detach().float().cpu()
-
-
-def _forget_zero3_backward_functions(module: nn.Module) -> None:
-    """Drop the autograd Functions ZeRO-3 stores on each submodule (`pre_bwd_fn`, `post_bwd_fn`).
-
-    They close over the engine's `DeepSpeedZeRoOffload`, and a new engine registers its own only where
-    they are absent: left in place, the modules we keep would run the *old* engine's backward fetch and
-    release (and keep its coordinator, trace and replaced parameters alive).
-    """
-    for sub in module.modules():
-        for attr in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt"):
-            sub.__dict__.pop(attr, None)
-
-
-def _clear_zero3_release_cache() -> None:
-    """Empty ZeRO-3's class-level `lru_cache` on `PartitionedParameterCoordinator.__params_to_release`.
-
-    Its keys are (coordinator, module, step): a process-wide root that keeps every old coordinator, the
-    replaced modules and their parameters (partitions included) alive after `destroy()`. It is only a
-    memo of which params a module releases, so clearing it costs one recomputation per module.
-    """
-    try:
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-    except ImportError:
-        return
-    fn = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
-    cells = getattr(fn, "__closure__", None) or ()  # wrapped by instrument_w_nvtx (no functools.wraps)
-    for candidate in (fn, getattr(fn, "__wrapped__", None), *(c.cell_contents for c in cells)):
-        if hasattr(candidate, "cache_clear"):
-            candidate.cache_clear()

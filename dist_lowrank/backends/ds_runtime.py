@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from dist_lowrank.device import bind_local_device, default_dist_backend
+from dist_lowrank.device import bind_local_device, default_dist_backend, is_distributed
 
 
 def prepare_deepspeed() -> None:
@@ -31,7 +31,7 @@ def init_deepspeed_distributed() -> None:
     prepare_deepspeed()
     import deepspeed
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         bind_local_device()  # cuda:LOCAL_RANK before NCCL exists (DeepSpeed's own init does not set it first)
         deepspeed.init_distributed(dist_backend=default_dist_backend())
     else:

@@ -2,21 +2,17 @@
 
 FSDP2 silently ignores a new nn.Parameter assigned after `fully_shard` (the next forward restores the
 old shard), so shapes change only through a rebuild: the user gives `model_fn` (how to build the
-model) and `parallelize_fn` (how to shard it, torchtitan style). At a switch:
-1. each targeted layer is gathered on its own (`full_tensor()`, every rank takes part), its owner rank
-   runs the SVD and the factors are broadcast (no rank ever holds more than one full layer);
-2. the new model is built on the meta device, factorized structurally, sharded by `parallelize_fn`,
+model) and `parallelize_fn` (how to shard it, torchtitan style). The reshape pipeline gathers each changed layer
+on its own (`gather`: `full_tensor()`, every rank takes part) and computes the new full values; `rebuild` then:
+1. builds the new model on the meta device with every change's builders replayed, sharded by `parallelize_fn`,
    then materialized (`to_empty`): untouched parameters copy their local shard from the old DTensor
-   (same mesh and placement ⇒ same shard), factors take their own chunk of the broadcast factors;
-3. a new optimizer takes over the state of every untouched parameter (local shards, bit for bit);
-   factors start with no state (zero moments, their own step count);
-4. the old model and optimizer are dropped.
+   (same mesh and placement ⇒ same shard), changed ones take their own chunk of the full values;
+2. a new optimizer takes over the state of every untouched parameter (local shards, bit for bit); changed ones
+   get their carried state sharded the same way, or none (zero moments, their own step count);
+3. the old model and optimizer are dropped.
 """
 from __future__ import annotations
 
-import gc
-import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,19 +23,16 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.local_backend import peak_rss_mb
-from dist_lowrank.backends.optim_state import embed_state, rebuild_optimizer, snapshot_state
+from dist_lowrank.backends.optim_state import rebuild_optimizer, snapshot_state
 from dist_lowrank.backends.param_groups import (GroupLayout, OptimizerSpec, SchedulerSpec, bind_scheduler,
                                                 first_optimizer, optimizer_recipe)
 from dist_lowrank.coordinator import Coordinator
-from dist_lowrank.device import comm_device, default_device
+from dist_lowrank.device import default_device
 from dist_lowrank.errors import CheckpointError, DistLowRankError
 from dist_lowrank.faults import maybe_fault
-from dist_lowrank.layers import InRankLinear, empty_factorized
-from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread, layer_fetcher, projected_factor_states
+from dist_lowrank.reshape.change import carry_attrs
 from dist_lowrank.shard_view import ShardView, replicated_view
-from dist_lowrank.surgery import clean_name, count_parameters, replace_module
+from dist_lowrank.surgery import clean_name, replace_module
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -79,7 +72,7 @@ class FSDP2Backend(Backend):
         given = optimizer_factory if isinstance(optimizer_factory, torch.optim.Optimizer) else None
         self.scheduler = bind_scheduler(scheduler_factory, self.optimizer, given, origins)
         # every structural change so far (layer name -> builder from the meta module), replayed on rebuilds
-        self.replacements: dict[str, Callable[[nn.Module], nn.Module]] = {}
+        self.replacements: list[tuple[str, Callable[[nn.Module], nn.Module]]] = []
 
     def param_views(self, names: list[str]) -> list[ShardView]:
         """Row shards (`Shard(0)`) of each parameter, offsets from torch's own placement arithmetic."""
@@ -96,73 +89,37 @@ class FSDP2Backend(Backend):
                 views.append(replicated_view(name, param))
         return views
 
-    def execute(self, plan: Plan) -> dict[str, Any]:
-        """Switch (factorize plan.ranks) or InRank growth past capacity (plan.kind == "grow").
-        Measured as a whole: gathers, SVDs, broadcasts, rebuild, state transplant."""
-        start, rss_before = time.perf_counter(), peak_rss_mb()
-        params_before = count_parameters(self.model)
-        if plan.kind == "grow":
-            sources, states = self._grow_sources(plan)
-            layers, replaced = len(plan.capacities), []  # grown U, V keep their names (and groups)
-        else:
-            sources, states = self._switch_sources(plan)
-            layers, replaced = len(plan.ranks), sorted(plan.ranks)
+    # -- primitives of the reshape pipeline ------------------------------------------------------------
+    def gather(self, param: torch.Tensor) -> torch.Tensor:
+        """The whole parameter (`full_tensor()`: every rank takes part)."""
+        return _full(param).detach()
+
+    def full_state(self, param: torch.Tensor) -> Optional[dict[str, Any]]:
+        """The parameter's optimizer state with every DTensor gathered (collective)."""
+        state = self.optimizer.state.get(param)
+        if not state:
+            return None
+        return {k: _full(v).detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+    def values_dtype(self, param: torch.Tensor) -> torch.dtype:
+        return _local(param).dtype
+
+    def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
+                states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """A new sharded model from the meta skeleton with the change's builders replayed (every change so far),
+        its local shards filled; the optimizer rebuilt. The built `modules` are not used: FSDP2 needs the whole
+        model rebuilt and sharded by `parallelize_fn`."""
+        for layer in change.layers:
+            self.replacements.append((layer.name, layer.build))
+        replaced = sorted(l.name for l in change.layers if any(p.group == "companion" for p in l.params.values()))
         # Local work only from here on (skeleton, fully_shard on meta, shard copies, optimizer): shared failure.
-        with Coordinator().shared_failure(f"{plan.kind} rebuild (sharded model, optimizer transplant)"):
-            self._rebuild(sources, states, replaced, lr_scale=plan.lr_scale if plan.kind != "grow" else 1.0)
-        del sources, states
-        gc.collect()
-        return {"seconds": time.perf_counter() - start, "params_before": params_before,
-                "params_after": count_parameters(self.model), "layers": layers, "peak_rss_mb": peak_rss_mb(),
-                "peak_rss_growth_mb": peak_rss_mb() - rss_before}
-
-    def _switch_sources(self, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        """Full factors (and biases) of every switched layer: one layer gathered at a time, SVDs spread;
-        with factor_moments: projected, their full projected states too (W's DTensor moments gathered one
-        layer at a time on every rank; `_rebuild` keeps each rank's shard)."""
-        modules = dict(self.model.named_modules())
-        names = sorted(plan.ranks)
-        biases: dict[str, Optional[torch.Tensor]] = {}
-        fetch = layer_fetcher(modules, _full, biases)
-        dtype = _local(next(modules[names[0]].parameters())).dtype
-        factors = factorize_spread(names, plan.ranks, fetch, dtype=dtype, device=comm_device())
-        sources: dict[str, torch.Tensor] = {}
-        for name in names:
-            a, b = factors[name]
-            sources[f"{name}.first.weight"], sources[f"{name}.second.weight"] = b, a
-            if biases[name] is not None:
-                sources[f"{name}.second.bias"] = biases[name]
-            self.replacements[name] = partial(_factorized_like, rank=plan.ranks[name])
-        states: dict[str, dict] = {}
-        if plan.factor_moments == "projected":
-            optimizer = self.optimizer
-
-            def read(_name: str, param: torch.Tensor) -> Optional[dict]:
-                state = optimizer.state.get(param)
-                return {k: _full(v).detach() if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else None
-
-            states = projected_factor_states(names, modules, factors, read)
-        return sources, states
-
-    def _grow_sources(self, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        """InRank layers past capacity: full U, V (small) and their moments, grown."""
-        modules = dict(self.model.named_modules())
-        sources: dict[str, torch.Tensor] = {}
-        states: dict[str, dict] = {}
-        for name in sorted(plan.capacities):
-            layer, capacity = modules[name], plan.capacities[name]
-            u, v = InRankLinear.grown_factors(_full(layer.u).detach(), _full(layer.v).detach(), capacity,
-                                              layer.seed + capacity)
-            sources[f"{name}.u"], sources[f"{name}.v"] = u, v
-            for pname, param, grown in ((f"{name}.u", layer.u, u), (f"{name}.v", layer.v, v)):
-                state = self.optimizer.state.get(param)
-                if state:
-                    states[pname] = embed_state({key: _full(value) for key, value in state.items()}, grown.shape)
-            self.replacements[name] = partial(_inrank_like, width=plan.ranks[name], capacity=capacity)
-        return sources, states
+        with Coordinator().shared_failure(f"{change.kind} rebuild (sharded model, optimizer transplant)"):
+            self._rebuild(values, states, replaced, {l.name for l in change.layers},
+                          lr_scale=change.lr_scale if replaced else 1.0)
+        return {}
 
     def _rebuild(self, sources: dict[str, torch.Tensor], full_states: dict[str, dict],
-                 replaced: list[str], lr_scale: float = 1.0) -> None:
+                 replaced: list[str], changed_layers: set[str], lr_scale: float = 1.0) -> None:
         """New sharded model from the skeleton: untouched shards copied, `sources` distributed, optimizer
         state carried (untouched: local shards bit for bit; `full_states`: distributed), the param groups of
         the `replaced` layers' parameters passed on to their successors. The old model and optimizer are
@@ -171,10 +128,7 @@ class FSDP2Backend(Backend):
         new = self._build_skeleton()
         maybe_fault("rebuild")
         self._materialize(new, old, sources)
-        old_inrank = {n: m for n, m in old.named_modules() if isinstance(m, InRankLinear)}
-        for name, module in new.named_modules():  # widths grown within capacity live on the modules
-            if isinstance(module, InRankLinear) and name in old_inrank and name not in full_states_layers(full_states):
-                module.grow(max(module.rank, old_inrank[name].rank))
+        carry_attrs(old, new, skip=changed_layers)  # Python-side shape state (a rank grown inside its capacity)
         old_named = dict(old.named_parameters())
         new_named = dict(new.named_parameters())
         untouched = {n: p for n, p in old_named.items() if n in new_named and n not in sources}
@@ -183,7 +137,7 @@ class FSDP2Backend(Backend):
         layers = {layer: [n for n in old_named if n.startswith(layer + ".")] for layer in replaced}
         scheduler = self.scheduler
         self.model = self.optimizer = self.scheduler = None
-        del old, old_named, untouched, old_inrank
+        del old, old_named, untouched
         self.model = new
         companions = lr_scale != 1.0  # a factor lr of its own needs a group of its own
         self.layout, origins = self.layout.rebase(layers, new_named, companions=companions, lr_scale=lr_scale)
@@ -250,14 +204,13 @@ class FSDP2Backend(Backend):
         return {k: v.float().clone() for k, v in full.items()}
 
     def _build_skeleton(self) -> nn.Module:
-        """model_fn on the meta device, every replacement so far replayed, then sharded. Replacements are
+        """model_fn on the meta device, every change's builder so far replayed in order, then sharded. Replacements are
         named as in the sharded model; model_fn's model has no wrapper prefixes yet (parallelize_fn adds
         them, e.g. checkpoint_wrapper's `_checkpoint_wrapped_module.`), hence `clean_name`."""
         with torch.device("meta"):
             skeleton = self.model_fn()
-            meta_modules = dict(skeleton.named_modules())
-            for name, build in self.replacements.items():
-                replace_module(skeleton, clean_name(name), build(meta_modules[clean_name(name)]))
+            for name, build in self.replacements:  # in order: a layer changed twice builds on its first change
+                replace_module(skeleton, clean_name(name), build(skeleton.get_submodule(clean_name(name))))
         return self.parallelize_fn(skeleton) or skeleton
 
     @torch.no_grad()
@@ -297,11 +250,6 @@ def _row_offset(name: str, param: DTensor, local: torch.Tensor) -> int:
     return int(offset[0])
 
 
-def full_states_layers(full_states: dict[str, dict]) -> set[str]:
-    """Layer names whose parameters are rebuilt from full states (their width comes from the plan)."""
-    return {name.rpartition(".")[0] for name in full_states}
-
-
 def _shaped(value: Any, param: torch.Tensor) -> Any:
     """A full state tensor in its parameter's (global) shape: projected factor states come as matrices."""
     return value.reshape(param.shape) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
@@ -316,15 +264,6 @@ def _shard_like(value: Any, param: torch.Tensor) -> Any:
     if isinstance(param, DTensor):
         return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
     return value
-
-
-def _factorized_like(dense: nn.Module, rank: int) -> nn.Module:
-    return empty_factorized(dense, rank, device="meta", dtype=next(dense.parameters()).dtype)
-
-
-def _inrank_like(old: InRankLinear, width: int, capacity: int) -> InRankLinear:
-    return InRankLinear(old.in_features, old.out_features, width, capacity, old.w0_mode, old.bias is not None,
-                        seed=old.seed)
 
 
 def shard_each_layer(model: nn.Module) -> nn.Module:

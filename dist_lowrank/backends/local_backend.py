@@ -1,14 +1,11 @@
 """One process, no wrapper: the reference every distributed backend is compared with.
 
-Also the base of the DDP backend: with replicated weights a reshard is module surgery on every rank
-(factors computed once, by the layer's owner rank, and broadcast) plus a new optimizer that takes
-over the state of every untouched parameter.
+Also the base of the DDP backend: with replicated weights a reshard (reshape.pipeline: factors computed once, by
+the layer's owner rank, and broadcast) ends in module surgery on every rank plus a new optimizer that takes over
+the state of every untouched parameter.
 """
 from __future__ import annotations
 
-import gc
-import resource
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -16,26 +13,20 @@ import torch
 from torch import nn
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.backends.optim_state import (embed_state, group_hyperparams, install_states, rebuild_optimizer,
+from dist_lowrank.backends.optim_state import (group_hyperparams, install_states, rebuild_optimizer,
                                                restore_group_hyperparams, snapshot_state, transplant_state)
 from dist_lowrank.backends.param_groups import (GroupLayout, OptimizerSpec, SchedulerSpec, bind_scheduler,
                                                 first_optimizer, optimizer_recipe)
 from dist_lowrank.coordinator import Coordinator
-from dist_lowrank.device import comm_device
 from dist_lowrank.errors import CheckpointError
 from dist_lowrank.faults import maybe_fault
-from dist_lowrank.plan import Plan
-from dist_lowrank.reshard import factorize_spread, layer_fetcher, projected_factor_states
+from dist_lowrank.reshape.change import Keep, ShapeChange
+from dist_lowrank.reshape.materialize import materialize
 from dist_lowrank.shard_view import ShardView, replicated_view
-from dist_lowrank.surgery import apply_rank_plan, count_parameters, replace_module
+from dist_lowrank.surgery import replace_module
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class LocalBackend(Backend):
@@ -70,78 +61,51 @@ class LocalBackend(Backend):
         params = dict(self.module.named_parameters())
         return [replicated_view(name, params[name]) for name in names]
 
-    def execute(self, plan: Plan) -> dict[str, Any]:
-        """Factorize plan.ranks (owner-rank SVDs, broadcast), rebuild wrapper and optimizer, keep state.
-        New factors start as plan.factor_moments says (optim_state's docstring); lr_scale != 1 puts them in
-        companion groups with the scaled lr (the optimizer keeps a step per parameter, so no other reason)."""
-        if plan.kind == "grow":
-            return self._grow(plan)
-        start = time.perf_counter()
-        rss_before = peak_rss_mb()
-        params_before = count_parameters(self.module)
-        modules = dict(self.module.named_modules())
-        names = sorted(plan.ranks)
-        reference = next(modules[names[0]].parameters())
-        factors = factorize_spread(names, plan.ranks, layer_fetcher(modules, lambda p: p.detach(), {}),
-                                   dtype=reference.dtype, device=comm_device())
-        factors = {n: (a.to(reference.device), b.to(reference.device)) for n, (a, b) in factors.items()}
-        layers = {n: [f"{n}.{leaf}" for leaf, _ in modules[n].named_parameters()] for n in names}
-        changed = {p for olds in layers.values() for p in olds}
+    # -- primitives of the reshape pipeline ------------------------------------------------------------
+    def gather(self, param: torch.Tensor) -> torch.Tensor:
+        """Every rank holds every parameter."""
+        return param.detach()
+
+    def full_state(self, param: torch.Tensor) -> Optional[dict[str, Any]]:
+        state = self.optimizer.state.get(param)
+        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else None
+
+    def rebuild(self, change: ShapeChange, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
+                states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Module surgery on every rank (the same factors everywhere), then a new optimizer over the new parameters
+        with every untouched parameter's state. "companion" parameters join their layer's group, or — with
+        lr_scale != 1 — a companion group with the scaled lr (torch's optimizers keep a step per parameter, so no
+        other reason for a group of their own); "inherit" ones keep their name, group and step."""
+        old_modules = dict(self.module.named_modules())
+        layers = {l.name: [f"{l.name}.{leaf}" for leaf, _ in old_modules[l.name].named_parameters()] for l in change.layers}
+        kept = {f"{l.name}.{leaf}" for l in change.layers for leaf, p in l.params.items() if isinstance(p.value, Keep)}
+        changed = {name for olds in layers.values() for name in olds} - kept
+        rebased = {l.name: layers[l.name] for l in change.layers if any(p.group == "companion" for p in l.params.values())}
         # Local work only from here to the wrap (DDP broadcasts there): a failure on any rank is shared first.
-        with Coordinator().shared_failure("switch rebuild (module surgery, optimizer transplant)"):
+        with Coordinator().shared_failure(f"{change.kind} rebuild (module surgery, optimizer transplant)"):
             untouched = {n: p for n, p in self.module.named_parameters() if n not in changed}
             snapshot = snapshot_state(self.optimizer, untouched)
-            optimizer = self.optimizer
-            projected = (projected_factor_states(names, modules, factors, lambda _n, p: optimizer.state.get(p))
-                         if plan.factor_moments == "projected" else {})
-            del optimizer
             self.layout.refresh(self.optimizer.param_groups)
             scheduler = self.scheduler
             self.release()
-            report = apply_rank_plan(self.module, plan.ranks, factors)
-            del modules, factors
+            for layer in change.layers:
+                old = old_modules[layer.name]
+                device = next(old.parameters()).device
+                replace_module(self.module, layer.name, materialize(layer, modules[layer.name], old, device, values))
+            del old_modules, untouched
             maybe_fault("rebuild")
             named = dict(self.module.named_parameters())
-            companions = plan.lr_scale != 1.0
-            self.layout, origins = self.layout.rebase(layers, named, companions=companions, lr_scale=plan.lr_scale)
+            companions = bool(rebased) and change.lr_scale != 1.0
+            origins = None
+            if rebased:
+                self.layout, origins = self.layout.rebase(rebased, named, companions=companions,
+                                                          lr_scale=change.lr_scale)
             self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, named, snapshot, scheduler,
                                                origins if companions else None)
-            install_states(self.optimizer, named, projected)
+            install_states(self.optimizer, named, states)
             self.scheduler = scheduler
         self.model = self.wrap(self.module)
-        gc.collect()
-        return {"seconds": time.perf_counter() - start, "params_before": params_before,
-                "params_after": report.params_after, "layers": len(names),
-                "peak_rss_mb": peak_rss_mb(), "peak_rss_growth_mb": peak_rss_mb() - rss_before}
-
-    def _grow(self, plan: Plan) -> dict[str, Any]:
-        """InRank layers outgrew their capacity: bigger U, V (old block kept, new U columns zero so the
-        function is unchanged), old moments embedded, new rows/columns with zero moments."""
-        start = time.perf_counter()
-        modules = dict(self.module.named_modules())
-        grown = sorted(plan.capacities)
-        changed = {f"{n}.{p}" for n in grown for p in ("u", "v")}
-        with Coordinator().shared_failure("growth rebuild (module surgery, optimizer transplant)"):
-            named = dict(self.module.named_parameters())
-            snapshot = snapshot_state(self.optimizer, named)
-            self.layout.refresh(self.optimizer.param_groups)
-            scheduler = self.scheduler
-            self.release()
-            for name in grown:
-                new = modules[name].with_capacity(plan.capacities[name])
-                new.grow(plan.ranks[name])
-                replace_module(self.module, name, new)
-            del modules
-            maybe_fault("rebuild")
-            new_named = dict(self.module.named_parameters())
-            for name in changed & set(snapshot):
-                snapshot[name] = embed_state(snapshot[name], new_named[name].shape)
-            # U, V keep their names, so the layout (groups, hyper-parameters) is unchanged
-            self.optimizer = rebuild_optimizer(self.optimizer_factory, self.layout, new_named, snapshot, scheduler)
-            self.scheduler = scheduler
-        self.model = self.wrap(self.module)
-        gc.collect()
-        return {"seconds": time.perf_counter() - start, "layers": len(grown), "peak_rss_mb": peak_rss_mb()}
+        return {}
 
     # -- checkpoints: plain state dicts keyed by parameter name (any world size loads them) ----------
     STATE_FILE = "state.pt"

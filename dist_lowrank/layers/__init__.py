@@ -10,5 +10,3 @@ __all__ = ["LowRankLinear", "LowRankConv2d", "build_factorized",
            "empty_factorized", "factor_pairs", "frobenius_decay_", "frobenius_penalty", "weight_matrix",
            "matrix_dims", "is_factorizable", "is_hf_conv1d", "saves_parameters", "max_saving_rank"]
 
-# TEMPORARY (issue 15 integration): old import path for code being rewritten in parallel; removed at the end.
-from dist_lowrank.methods.inrank.layer import InRankLinear  # noqa: E402

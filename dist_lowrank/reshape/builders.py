@@ -39,9 +39,15 @@ def factorize_layer(name: str, layer: nn.Module, rank: int, moments: Literal["ze
     return LayerChange(name, lambda old: empty_factorized(old, rank, **like(old)), params, rank=rank, matrix=matrix)
 
 
-def switch_change(modules: dict[str, nn.Module], ranks: dict[str, int], step: int,
+def _modules(model_or_modules) -> dict[str, nn.Module]:
+    return dict(model_or_modules.named_modules()) if isinstance(model_or_modules, nn.Module) else model_or_modules
+
+
+def switch_change(modules, ranks: dict[str, int], step: int,
                   moments: Literal["zero", "projected"] = "zero", lr_scale: float = 1.0) -> ShapeChange:
-    """Factorize every layer in `ranks` (name → rank) by its truncated SVD."""
+    """Factorize every layer in `ranks` (name → rank) by its truncated SVD. `modules`: the model or its
+    named modules."""
+    modules = _modules(modules)
     layers = [factorize_layer(name, modules[name], rank, moments) for name, rank in ranks.items()]
     return ShapeChange("switch", step, layers, lr_scale=lr_scale)
 
@@ -70,8 +76,9 @@ def rank_change_layer(name: str, layer: nn.Module, kept: tuple[int, ...]) -> Lay
     return LayerChange(name, lambda old: factorized_with_rank(old, len(kept)), params)
 
 
-def shrink_change(modules: dict[str, nn.Module], ranks: dict[str, int], step: int) -> ShapeChange:
+def shrink_change(modules, ranks: dict[str, int], step: int) -> ShapeChange:
     """Every factorized layer in `ranks` keeps its leading `ranks[name]` components (a rank going down)."""
+    modules = _modules(modules)
     layers = []
     for name, rank in ranks.items():
         current = modules[name].rank

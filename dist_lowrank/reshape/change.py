@@ -129,10 +129,13 @@ class ShapeChange:
         return any(isinstance(p.value, Factor) for layer in self.layers for p in layer.params.values())
 
 
-def carry_attrs(old: nn.Module, new: nn.Module) -> None:
-    """Copy the `RESHAPE_ATTRS` of every submodule of `old` to the same-named submodule of `new` (same type)."""
+def carry_attrs(old: nn.Module, new: nn.Module, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Copy the `RESHAPE_ATTRS` of every submodule of `old` to the same-named submodule of `new` (same type),
+    except in the layers named in `skip` (they were just changed: their builders set them)."""
     olds = dict(old.named_modules())
     for name, module in new.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
         source = olds.get(name)
         if source is not None and type(source) is type(module):
             for attr in getattr(module, "RESHAPE_ATTRS", ()):

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from dist_lowrank.device import is_distributed
 from torch import nn
 
 from dist_lowrank.telemetry.analytic import expected_step_bytes
@@ -34,14 +36,14 @@ log = logging.getLogger("dist_lowrank")
 
 
 def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def mean_over_ranks(value: float) -> float:
     """Average of a scalar over all ranks (collective; identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return value
     from dist_lowrank.device import comm_device
 

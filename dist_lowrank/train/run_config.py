@@ -4,15 +4,13 @@ A training YAML has two sections: `run` (this schema) and `lowrank` (dist_lowran
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
+from dist_lowrank.config_io import help_field as _help
 from dist_lowrank.config_io import Range, ge
 
 
-def _help(text: str, check=None, **kwargs):
-    metadata = {"help": text} if check is None else {"help": text, "check": check}
-    return field(metadata=metadata, **kwargs)
 
 
 @dataclass

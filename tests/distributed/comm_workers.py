@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tests.distributed.switch_common import PLAN_RANKS, local_batch, loss_fn, make_model, optimizer_factory
+from dist_lowrank.reshape.builders import switch_change
 
 
 def _steps(backend, counter, first: int, count: int, rank: int, world: int) -> dict:
@@ -18,7 +19,6 @@ def _steps(backend, counter, first: int, count: int, rank: int, world: int) -> d
 
 
 def comm_worker(rank: int, world: int, name: str):
-    from dist_lowrank.plan import Plan
     from dist_lowrank.telemetry.comm import CommCounter
 
     counter = CommCounter().install()  # before DeepSpeed builds its comm backend
@@ -44,7 +44,7 @@ def comm_worker(rank: int, world: int, name: str):
     _steps(backend, counter, 0, 1, rank, world)  # warm-up (lazy state, first gathers)
     full = _steps(backend, counter, 1, 3, rank, world)
     full_shapes = shapes()
-    backend.execute(Plan("switch", 4, dict(PLAN_RANKS)))
+    backend.apply(switch_change(backend.unwrapped_model(), dict(PLAN_RANKS), 4))
     _steps(backend, counter, 4, 2, rank, world)  # warm-up: DeepSpeed ZeRO-3 records its parameter trace
     low = _steps(backend, counter, 6, 3, rank, world)
     counter.uninstall()

@@ -8,12 +8,11 @@ import torch
 
 from tests.distributed.switch_common import (train_after_switch, PLAN_RANKS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
                                       loss_fn, make_model, optimizer_factory, scheduler_factory, state_copy)
+from dist_lowrank.reshape.builders import switch_change
 
 
 def ddp_switch_worker(rank: int, world: int):
     from dist_lowrank.backends.ddp_backend import DDPBackend
-    from dist_lowrank.plan import Plan
-
     backend = DDPBackend(make_model(), optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
@@ -24,7 +23,7 @@ def ddp_switch_worker(rank: int, world: int):
     state_before = {n: state_copy(backend.optimizer.state[params[n]]) for n in UNTOUCHED}
     old_ref = weakref.ref(params["net.2.weight"])
     del params
-    measurements = backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
+    measurements = backend.apply(switch_change(backend.unwrapped_model(), dict(PLAN_RANKS), PRE_STEPS))
     gc.collect()
     released = old_ref() is None
     params = dict(backend.module.named_parameters())

@@ -63,6 +63,7 @@ def check_family(make_backend: Callable[[torch.nn.Module, Any], Any], rank: int,
     from dist_lowrank.config import config_from_dict
     from dist_lowrank.controller import LowRankController
     from dist_lowrank.methods.inrank.model import inrank_layers, to_inrank
+    from dist_lowrank.methods.inrank.reshape import growth_change
     from dist_lowrank.plan import Plan
     from examples.common import digits, mlp
     from tests.device_discipline import DeviceDiscipline
@@ -92,7 +93,7 @@ def check_family(make_backend: Callable[[torch.nn.Module, Any], Any], rank: int,
         layers = inrank_layers(backend.unwrapped_model())
         caps = {n: m.capacity * 2 for n, m in layers.items()}
         widths = {n: m.rank + 1 for n, m in layers.items()}
-        backend.execute(Plan("grow", 1, widths, capacities=caps))
+        backend.apply(growth_change(backend.unwrapped_model(), widths, caps, 1))
         svals_after = controller.method.spectrum(2, controller.probe)
         losses = [_step(backend, None, batches)]
     result.update(grow_violations=check.report(), grow_ops=check.ops, inrank_losses=losses,

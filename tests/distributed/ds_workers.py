@@ -10,6 +10,7 @@ from torch import nn
 
 from tests.distributed.switch_common import (train_after_switch, GLOBAL_BATCH, PLAN_RANKS, PRE_STEPS, UNTOUCHED, fixed_input,
                                       local_batch, loss_fn, make_model, optimizer_factory, scheduler_factory)
+from dist_lowrank.reshape.builders import switch_change
 
 
 def ds_config(stage: int, world: int) -> dict:
@@ -76,8 +77,6 @@ def conv_input() -> torch.Tensor:
 def ds_conv_switch(rank: int, world: int, stage: int) -> dict:
     """Conv2d + Conv1D under ZeRO: shard views in stored layout, switch output vs a reference."""
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
-    from dist_lowrank.plan import Plan
-
     backend = DeepSpeedBackend(make_conv_model(), ds_config(stage, world), optimizer_factory)
     for step in range(2):
         x, y = conv_batch(step, rank, world)
@@ -86,7 +85,7 @@ def ds_conv_switch(rank: int, world: int, stage: int) -> dict:
     views = [(v.name, v.dims, v.flat_offset, v.local_flat.clone(), v.replicated)
              for v in backend.shard_views(sorted(CONV_RANKS))]
     full_before = _gathered(backend.engine.module)
-    backend.execute(Plan("switch", 2, dict(CONV_RANKS)))
+    backend.apply(switch_change(backend.unwrapped_model(), dict(CONV_RANKS), 2))
     with torch.no_grad():
         out = backend.model(conv_input())
     x, y = conv_batch(2, rank, world)
@@ -98,8 +97,6 @@ def ds_conv_switch(rank: int, world: int, stage: int) -> dict:
 
 def ds_switch_worker(rank: int, world: int, stage: int):
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
-    from dist_lowrank.plan import Plan
-
     backend = DeepSpeedBackend(make_model(), ds_config(stage, world), optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
@@ -119,7 +116,7 @@ def ds_switch_worker(rank: int, world: int, stage: int):
     old_engine_ref = weakref.ref(backend.engine)
     del base
     steps_before = backend.engine.global_steps
-    measurements = backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
+    measurements = backend.apply(switch_change(backend.unwrapped_model(), dict(PLAN_RANKS), PRE_STEPS))
     gc.collect()
     released = old_state_ref() is None and old_ref() is None and old_engine_ref() is None
     state_after = _full_states(backend, UNTOUCHED)

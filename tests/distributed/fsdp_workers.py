@@ -10,6 +10,7 @@ from torch import nn
 
 from tests.distributed.switch_common import (train_after_switch, PLAN_RANKS, PRE_STEPS, UNTOUCHED, fixed_input, local_batch,
                                       loss_fn, make_model, optimizer_factory, scheduler_factory)
+from dist_lowrank.reshape.builders import switch_change
 
 
 def parallelize(model: nn.Module) -> nn.Module:
@@ -36,8 +37,6 @@ def fsdp2_switch_worker(rank: int, world: int):
     from torch.distributed.tensor import DTensor
 
     from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
-    from dist_lowrank.plan import Plan
-
     backend = FSDP2Backend(make_model, parallelize, optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
@@ -53,7 +52,7 @@ def fsdp2_switch_worker(rank: int, world: int):
     state_before = _full_state(backend.optimizer, params, UNTOUCHED)
     old_ref = weakref.ref(params["net.2.weight"])
     del params
-    backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
+    backend.apply(switch_change(backend.unwrapped_model(), dict(PLAN_RANKS), PRE_STEPS))
     gc.collect()
     released = old_ref() is None
     params = dict(backend.model.named_parameters())
@@ -157,8 +156,6 @@ def _conv_backend(name: str):
 def conv_switch_worker(rank: int, world: int, backend_name: str) -> dict:
     """Conv switch: views tile the (c_out × c_in·k·k) matrix, state of untouched params kept bit for bit
     (every key), factors start fresh, old engine released, factor gradients synchronized."""
-    from dist_lowrank.plan import Plan
-
     backend = _conv_backend(backend_name)
     for step in range(CONV_PRE_STEPS):
         backend.backward(loss_fn(backend.model, conv_batch(step, rank, world)))
@@ -171,7 +168,7 @@ def conv_switch_worker(rank: int, world: int, backend_name: str) -> dict:
     state_before = {n: {k: _full(v) for k, v in backend.optimizer.state[params[n]].items()} for n in CONV_UNTOUCHED}
     old = [weakref.ref(obj) for obj in (backend.model, backend.optimizer, params["features.2.weight"])]
     del params, module
-    measurements = backend.execute(Plan("switch", CONV_PRE_STEPS, dict(CONV_RANKS)))
+    measurements = backend.apply(switch_change(backend.unwrapped_model(), dict(CONV_RANKS), CONV_PRE_STEPS))
     gc.collect()
     released = [ref() is None for ref in old]
     params = dict(backend.unwrapped_model().named_parameters())
@@ -214,13 +211,11 @@ def _naive_swap_grads(rank: int, world: int, full_before: dict) -> dict:
 def conv_reference(backend_name: str) -> dict:
     """One process, whole batches, same optimizer: pre-steps, switch, one step (what the ranks must match)."""
     from dist_lowrank.backends.local_backend import LocalBackend
-    from dist_lowrank.plan import Plan
-
     backend = LocalBackend(make_conv_model(), CONV_OPTIMIZERS[backend_name])
     for step in range(CONV_PRE_STEPS):
         backend.backward(loss_fn(backend.model, conv_batch(step)))
         backend.step()
-    backend.execute(Plan("switch", CONV_PRE_STEPS, dict(CONV_RANKS)))
+    backend.apply(switch_change(backend.unwrapped_model(), dict(CONV_RANKS), CONV_PRE_STEPS))
     params = dict(backend.module.named_parameters())
     backend.backward(loss_fn(backend.model, conv_batch(CONV_PRE_STEPS)))
     grads = {n: p.grad.detach().clone() for n, p in params.items() if _is_factor(n)}

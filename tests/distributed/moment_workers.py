@@ -10,6 +10,7 @@ import torch
 from tests.distributed.ds_workers import ds_config
 from tests.distributed.switch_common import (PLAN_RANKS, PRE_STEPS, local_batch, loss_fn, make_model,
                                              optimizer_factory, scheduler_factory)
+from dist_lowrank.reshape.builders import switch_change
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 LR_SCALE = 0.5
@@ -72,15 +73,13 @@ def _make(kind: str, world: int):
 
 def projected_switch_worker(rank: int, world: int, kind: str) -> dict:
     """kind: ddp | fsdp2 | zero1 | zero2 | zero3."""
-    from dist_lowrank.plan import Plan
-
     backend = _make(kind, world)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, local_batch(step, rank, world)))
         backend.step()
     dense = sorted(f"{layer}.{leaf}" for layer in PLAN_RANKS for leaf in ("weight", "bias")) + ["net.0.weight"]
     before = _read(backend, dense)
-    backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS), factor_moments="projected", lr_scale=LR_SCALE))
+    backend.apply(switch_change(backend.unwrapped_model(), dict(PLAN_RANKS), PRE_STEPS, "projected", LR_SCALE))
     new = sorted(f"{layer}.{leaf}" for layer in PLAN_RANKS for leaf in ("first.weight", "second.weight", "second.bias"))
     after = _read(backend, new + ["net.0.weight"])
     loss = loss_fn(backend.model, local_batch(PRE_STEPS, rank, world))

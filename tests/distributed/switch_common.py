@@ -6,6 +6,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from dist_lowrank.reshape.builders import switch_change
 
 PLAN_RANKS = {"net.2": 6, "net.4": 5}
 UNTOUCHED = ["net.0.weight", "net.0.bias", "net.6.weight", "net.6.bias"]
@@ -75,14 +76,12 @@ def train_after_switch(backend, rank: int, world: int) -> list[float]:
 def reference_run():
     """Single process, whole global batch: pre-steps, switch, post-steps. Returns what the tests compare."""
     from dist_lowrank.backends.local_backend import LocalBackend
-    from dist_lowrank.plan import Plan
-
     backend = LocalBackend(make_model(), optimizer_factory, scheduler_factory)
     for step in range(PRE_STEPS):
         backend.backward(loss_fn(backend.model, global_batch(step)))
         backend.step()
     full_before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
-    backend.execute(Plan("switch", PRE_STEPS, dict(PLAN_RANKS)))
+    backend.apply(switch_change(backend.unwrapped_model(), dict(PLAN_RANKS), PRE_STEPS))
     with torch.no_grad():
         out_after_switch = backend.model(fixed_input()).clone()
     losses = train_after_switch(backend, 0, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_lowrank.reshape.builders import switch_change
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -15,7 +16,6 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 def _run(tmp_path, resume_at=None):
     from dist_lowrank.backends.local_backend import LocalBackend
     from dist_lowrank.checkpoint.manifest import apply_layout, layout_of
-    from dist_lowrank.plan import Plan
     from examples.common import mlp
     from examples.param_groups_accumulation import lr_decay, lr_inverse, optimizer_and_scheduler
 
@@ -30,7 +30,7 @@ def _run(tmp_path, resume_at=None):
         backend.step()
         losses.append(float(loss.detach()))
         if step == 3:
-            backend.execute(Plan("switch", 3, {"2": 16, "4": 8}))
+            backend.apply(switch_change(backend.unwrapped_model(), {"2": 16, "4": 8}, 3))
         if step == resume_at:
             meta, layout = backend.engine_meta(), layout_of(backend.module)
             backend.save_state(tmp_path, "{}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from dist_lowrank.reshape.builders import switch_change
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.targeting import select_targets, tied_layers
 
@@ -101,8 +102,6 @@ def test_the_tie_holds_after_a_resume_past_the_switch(tmp_path):
     training continues as the uninterrupted run does (same losses, bit for bit: one process, same state)."""
     from dist_lowrank.backends.local_backend import LocalBackend
     from dist_lowrank.checkpoint.manifest import apply_layout, layout_of
-    from dist_lowrank.plan import Plan
-
     ids = torch.arange(32).reshape(4, 8) % 50
 
     def run(resume: bool) -> list[float]:
@@ -115,7 +114,7 @@ def test_the_tie_holds_after_a_resume_past_the_switch(tmp_path):
             backend.step()
             losses.append(float(loss.detach()))
             if step == 2:
-                backend.execute(Plan("switch", 2, {"transformer.h.0.attn.c_attn": 4, "transformer.h.0.mlp.c_fc": 4}))
+                backend.apply(switch_change(backend.unwrapped_model(), {"transformer.h.0.attn.c_attn": 4, "transformer.h.0.mlp.c_fc": 4}, 2))
             if step == 4 and resume:
                 layout, meta = layout_of(backend.module), backend.engine_meta()
                 backend.save_state(tmp_path, "{}")

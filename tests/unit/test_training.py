@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from dist_lowrank.reshape.builders import switch_change
 from dist_lowrank.backends.local_backend import LocalBackend
-from dist_lowrank.plan import Plan
 from dist_lowrank.train.config_file import load_train_config
 from dist_lowrank.train.loop import train
 
@@ -51,7 +51,7 @@ def test_local_switch_keeps_untouched_optimizer_state_bitwise():
     from dist_lowrank.surgery import apply_rank_plan
 
     apply_rank_plan(reference, {"2": 6})
-    backend.execute(Plan("switch", 3, {"2": 6}))
+    backend.apply(switch_change(backend.unwrapped_model(), {"2": 6}, 3))
     assert torch.allclose(backend.model(x), reference(x), atol=1e-6)
     named = dict(backend.model.named_parameters())
     for name in ("0.weight", "0.bias", "4.weight", "4.bias"):

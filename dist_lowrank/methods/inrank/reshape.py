@@ -28,9 +28,10 @@ def growth_layer(name: str, layer: InRankLinear, width: int, capacity: int) -> L
     return LayerChange(name, lambda old: _grown_like(old, width, capacity), params)
 
 
-def growth_change(modules: dict[str, nn.Module], widths: dict[str, int], capacities: dict[str, int],
-                  step: int) -> ShapeChange:
-    """Every layer in `capacities` grows to that capacity, trained width `widths[name]`."""
+def growth_change(modules, widths: dict[str, int], capacities: dict[str, int], step: int) -> ShapeChange:
+    """Every layer in `capacities` grows to that capacity, trained width `widths[name]` (`modules`: the model or
+    its named modules)."""
+    modules = dict(modules.named_modules()) if isinstance(modules, nn.Module) else modules
     return ShapeChange("grow", step, [growth_layer(n, modules[n], widths[n], c) for n, c in capacities.items()])
 
 

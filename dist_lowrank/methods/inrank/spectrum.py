@@ -14,12 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dist_lowrank.device import comm_device
+from dist_lowrank.device import comm_device, is_distributed
 from dist_lowrank.shard_view import ShardView, row_runs
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 @dataclass
@@ -55,7 +51,7 @@ def _local_gram(view: ShardView, k: int) -> tuple[torch.Tensor, list[tuple[int, 
 def gram_matrices(views: list[ShardView], active: list[int]) -> tuple[list[torch.Tensor], GramStats]:
     """X[:, :k]ᵀ X[:, :k] for each tall factor view (k = active columns), identical on every rank."""
     stats = GramStats()
-    distributed = _distributed()
+    distributed = is_distributed()
     world = dist.get_world_size() if distributed else 1
     me = dist.get_rank() if distributed else 0
     grams: list[torch.Tensor] = [torch.zeros(0)] * len(views)

@@ -1,4 +1,4 @@
-"""Backend-neutral pieces of a reshard: factors computed once per layer, spread over ranks.
+"""Factors computed once per layer, spread over ranks (the pipeline's Factor ops).
 
 Layers are taken in rounds of `world_size`: in a round every rank takes part in gathering each layer
 (a rank-0-only gather hangs) but keeps only the one it owns, then all owners run their SVDs at the
@@ -14,73 +14,12 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from dist_lowrank.device import is_distributed
+
 from dist_lowrank.coordinator import Coordinator
-from dist_lowrank.errors import DistLowRankError, RemoteRankError
+from dist_lowrank.errors import RemoteRankError
 from dist_lowrank.faults import maybe_fault
 from dist_lowrank.linalg import truncated_svd_factors
-from dist_lowrank.linalg.moments import project_state
-
-
-def layer_fetcher(modules: dict, gather: Callable[[torch.Tensor], torch.Tensor],
-                  biases: dict[str, Optional[torch.Tensor]]) -> Callable[[str], torch.Tensor]:
-    """A `fetch_full_matrix` for factorize_spread: `gather` turns a (possibly sharded) parameter into
-    its full tensor (collective); the layer's full bias is kept in `biases` for the new module."""
-    from dist_lowrank.layers import InRankLinear
-
-    def fetch(name: str) -> torch.Tensor:
-        layer = modules[name]
-        if isinstance(layer, InRankLinear):  # efficient InRank's fold: the effective W0 + U Vᵀ
-            r = layer.rank
-            weight = (gather(layer.u)[:, :r] @ gather(layer.v)[:, :r].T).detach()
-            if layer.w0 is not None:
-                weight = weight + gather(layer.w0).detach()
-        else:
-            weight = gather(layer.weight).detach()
-        bias = getattr(layer, "bias", None)
-        biases[name] = None if bias is None else gather(bias).detach()
-        return as_weight_matrix(layer, weight)
-
-    return fetch
-
-
-def as_weight_matrix(layer, tensor: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor (the weight, or one of its optimizer moments) in the m×n orientation the
-    factors use: HF Conv1D stores Wᵀ, Conv2d flattens (c_in, k, k)."""
-    from dist_lowrank.layers import is_hf_conv1d
-
-    return tensor.T if is_hf_conv1d(layer) else tensor.reshape(tensor.shape[0], -1)
-
-
-def projected_factor_states(names: list[str], modules: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                            read_state: Callable[[str, torch.Tensor], Optional[dict]]) -> dict[str, dict]:
-    """`factor_moments: projected`: {new parameter name: its optimizer state} for the factorized layers.
-
-    `read_state(name, param)` returns the full (unsharded) optimizer state of a dense parameter, or None/{} when it
-    has none yet; it may be collective (every rank calls it, in `names` order). Factors' states (in the factor
-    matrices' m×r / r×n shapes: the caller reshapes to its parameters) come from linalg.moments.project_state;
-    the bias's state is carried as it is (the bias is not changed by the switch). Every rank gets every entry,
-    so each backend keeps the piece its own shard or partition of the new parameters needs.
-    """
-    from dist_lowrank.layers import InRankLinear
-
-    out: dict[str, dict] = {}
-    for name in names:
-        layer = modules[name]
-        if isinstance(layer, InRankLinear):
-            raise DistLowRankError(f"lowrank.switch.factor_moments: projected needs dense layers; {name} is an InRank "
-                                   f"layer (its U, V, W0 moments have no projection; use zero)")
-        a, b = factors[name]
-        state = read_state(f"{name}.weight", layer.weight)
-        if state:
-            matrix = {k: as_weight_matrix(layer, v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                      for k, v in state.items()}
-            out[f"{name}.second.weight"], out[f"{name}.first.weight"] = project_state(matrix, a, b)
-        bias = getattr(layer, "bias", None)
-        if bias is not None:
-            bias_state = read_state(f"{name}.bias", bias)
-            if bias_state:
-                out[f"{name}.second.bias"] = dict(bias_state)
-    return out
 
 
 FP64_MAX_NUMEL = 1 << 16  # 256×256: above it an fp32 SVD is 1.7–2× faster (0.076 vs 0.13 s at 512² here)
@@ -105,7 +44,7 @@ def factorize_spread(
     Works without an initialized process group (single process: everything is local).
     """
     device = device or torch.device("cpu")
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     world = dist.get_world_size() if distributed else 1
     me = dist.get_rank() if distributed else 0
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

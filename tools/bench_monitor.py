@@ -113,7 +113,7 @@ def gpt_worker(rank: int, world: int, config: str, overrides: list[str], steps: 
     from dist_lowrank.linalg import stable_rank
     from dist_lowrank.monitor import RankMonitor
     from dist_lowrank.train.config_file import load_train_config
-    from dist_lowrank.train.loop import make_backend
+    from dist_lowrank.train.engine import make_backend
     from dist_lowrank.train.tasks import build_task
 
     run, lowrank = load_train_config(config, overrides)

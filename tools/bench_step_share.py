@@ -88,7 +88,7 @@ def make_stepper(model: nn.Module, loss_fn: Callable, batch: Any, run: Any, devi
 def _optimizer(model: nn.Module, run: Any) -> tuple[torch.optim.Optimizer, Any]:
     """The training loop's AdamW (param groups, betas) and lr schedule when it has them, else plain AdamW."""
     try:
-        from dist_lowrank.train.loop import optimizer_factory, scheduler_factory
+        from dist_lowrank.train.recipe import optimizer_factory, scheduler_factory
     except ImportError:
         return torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay), None
     optimizer = optimizer_factory(run)(model.parameters())

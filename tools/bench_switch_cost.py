@@ -101,6 +101,8 @@ def measure(backend: Any, train_step: Callable[[], float], plan: Any, steps: int
     dist.barrier()
     with RssPeak() as steady:
         before = [train_step() for _ in range(steps)]
+    from dist_lowrank.reshape.builders import switch_change
+
     dist.barrier()
     with RssPeak() as during:
         start = time.perf_counter()
@@ -138,8 +140,6 @@ def worker(rank: int, world: int, backend_name: str, width: int, layer_counts: l
     import torch.nn.functional as F
 
     from dist_lowrank.plan import Plan
-
-    from dist_lowrank.reshape.builders import switch_change
 
     if backend_name.startswith("zero"):  # imports and DeepSpeed's comm setup before the baseline RSS
         from dist_lowrank.backends.ds_runtime import init_deepspeed_distributed
@@ -191,7 +191,7 @@ def gpt_worker(rank: int, world: int, name: str, config: str, overrides: list[st
     from dist_lowrank.plan import Plan
     from dist_lowrank.targeting import select_targets
     from dist_lowrank.train.config_file import load_train_config
-    from dist_lowrank.train.loop import make_backend as make_train_backend
+    from dist_lowrank.train.engine import make_backend as make_train_backend
     from dist_lowrank.train.tasks import build_task
 
     run, lowrank = load_train_config(config, overrides)

@@ -13,7 +13,7 @@ from torch import nn
 class Backend(ABC):
     """A data-parallel engine (DDP, FSDP2, DeepSpeed ZeRO-1/2/3, ...) that can change layer shapes.
 
-    After `execute(plan)` the attributes `model` and `optimizer` refer to the *new* objects; the old
+    After `apply(change)` the attributes `model` and `optimizer` refer to the *new* objects; the old
     engine, its hooks and the old parameters are released.
     """
 

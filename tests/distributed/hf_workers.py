@@ -3,7 +3,7 @@
 Each worker runs a README example and records, on every rank: the plan, the tie of the head to the
 embedding after the switch and at the end, the model's output on fixed held-out windows right after the
 switch, and the dense fp32 weights the switch factorized (the backend's own `export_fp32`, taken by a spy
-around `execute` just before the reshard; the spy only observes). The references below use transformers
+around `apply` just before the reshard; the spy only observes). The references below use transformers
 and plain torch only (torch.linalg.svd, torch.optim.AdamW): nothing of the plugin.
 """
 from __future__ import annotations
@@ -14,18 +14,18 @@ import torch
 from torch import nn
 
 
-def _spy_on_execute(backend_cls: type, seen: dict) -> None:
-    """Record the dense fp32 state dict (rank 0) when a switch starts, then run the real execute."""
-    real = backend_cls.execute
+def _spy_on_apply(backend_cls: type, seen: dict) -> None:
+    """Record the dense fp32 state dict (rank 0) when a switch starts, then run the real apply."""
+    real = backend_cls.apply
 
-    def execute(self, plan):
-        if plan.kind == "switch" and "dense" not in seen:
+    def apply(self, change):
+        if change.kind == "switch" and "dense" not in seen:
             seen["dense"] = self.export_fp32()
-        seen["pending"] = plan.kind
-        return real(self, plan)
+        seen["pending"] = change.kind
+        return real(self, change)
 
-    backend_cls.execute = execute
-    return lambda: setattr(backend_cls, "execute", real)
+    backend_cls.apply = apply
+    return lambda: setattr(backend_cls, "apply", real)
 
 
 def _first_block(model: nn.Module) -> nn.Module:
@@ -90,7 +90,7 @@ def deepspeed_run(rank: int, world: int, model: str, stage: int, out_dir: Option
         engine.destroy()
         del engine, net
     seen: dict = {}
-    restore = _spy_on_execute(DeepSpeedBackend, seen)
+    restore = _spy_on_apply(DeepSpeedBackend, seen)
     on_step = _observer(seen, lambda engine: engine.module, lambda engine: engine)
     try:
         result = hf_deepspeed.main(model, stage, steps, lowrank=lowrank, out_dir=out_dir,
@@ -106,7 +106,7 @@ def fsdp2_run(rank: int, world: int, model: str, out_dir: Optional[str], lowrank
     from examples import hf_fsdp2
 
     seen: dict = {}
-    restore = _spy_on_execute(FSDP2Backend, seen)
+    restore = _spy_on_apply(FSDP2Backend, seen)
     on_step = _observer(seen, lambda backend: backend.unwrapped_model(), lambda backend: backend.model)
     names: list = []
 
@@ -133,7 +133,7 @@ def ddp_run(rank: int, world: int, model: str, lowrank: dict, steps: int, blocke
     from examples.hf_common import batches, gpt2, llama, lm_loss
 
     seen: dict = {}
-    restore = _spy_on_execute(DDPBackend, seen)
+    restore = _spy_on_apply(DDPBackend, seen)
     on_step = _observer(seen, lambda backend: backend.unwrapped_model(), lambda backend: backend.model)
     backend = DDPBackend({"gpt2": gpt2, "llama": llama}[model](), lambda p: torch.optim.AdamW(p, lr=3e-3))
     controller = attach(backend, lowrank)

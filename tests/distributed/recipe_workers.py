@@ -35,7 +35,8 @@ def recipe_worker(rank: int, world: int, backend_name: str) -> dict:
     """The loop's step sequence on make_backend's engine: per step the lr of every group (before the step),
     the pre-clip global grad norm, and the parameters right before the switch."""
     from dist_lowrank.controller import LowRankController
-    from dist_lowrank.train.loop import clip_gradients, make_backend
+    from dist_lowrank.train.engine import make_backend
+    from dist_lowrank.train.recipe import clip_gradients
     from dist_lowrank.train.tasks import build_task
 
     run, lowrank = config(backend_name, world)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from dist_lowrank.backends.local_backend import LocalBackend
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.train.config_file import load_train_config
-from dist_lowrank.train.loop import clip_gradients, lr_factor, optimizer_factory, scheduler_factory, train
+from dist_lowrank.train.loop import train
+from dist_lowrank.train.recipe import clip_gradients, lr_factor, optimizer_factory, scheduler_factory
 from dist_lowrank.train.run_config import RunConfig
 
 pytestmark = pytest.mark.unit

@@ -75,7 +75,7 @@ def test_exact_monitor_is_exact_on_replicated_layers_and_refused_on_shards(monke
         assert exact[name].value == pytest.approx(float((s ** 2).sum() / s[0] ** 2), rel=1e-12)
     import dist_lowrank.monitor as monitor_module
 
-    monkeypatch.setattr(monitor_module, "_distributed", lambda: True)  # refused before any collective
+    monkeypatch.setattr(monitor_module, "is_distributed", lambda: True)  # refused before any collective
     shard = ShardView("blocks.0.attn", (48, 40), 0, weights["w0"][:24].reshape(-1))
     with pytest.raises(ConfigError, match=r"^lowrank\.monitor\.method: 'exact' .*blocks\.0\.attn.*allowed there: "
                                           r"lanczos, power$"):

@@ -108,6 +108,7 @@ class LowRankController:
             self.skipped_steps += 1
             self._emit({"event": "skipped_nonfinite", "step": step})
             return None
+        self.method.update(step, self.probe)
         if not self.method.due(step):
             return None
         plan = self.coordinator.agree(self.method.decide(step, self.method.measure(step, self.probe)))

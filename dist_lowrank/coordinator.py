@@ -45,6 +45,23 @@ class Coordinator:
         dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return {n: float(v) for n, v in zip(names, tensor.cpu().tolist())}
 
+    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor (same shape and dtype on every rank) on every rank, on the tensor's own device: small
+        results that must be identical everywhere (a core's SVD, a truncation rank)."""
+        if not is_distributed():
+            return tensor
+        buf = tensor.detach().to(comm_device()).contiguous()
+        dist.broadcast(buf, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return buf.to(tensor.device)
+
+    def mean_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of `tensor` over the ranks (the average the engines take of gradients)."""
+        if not is_distributed():
+            return tensor
+        buf = tensor.detach().to(comm_device()).contiguous()
+        dist.all_reduce(buf, group=self.group)
+        return (buf / self.world_size).to(tensor.device)
+
     def agree(self, plan: Optional[Plan]) -> Optional[Plan]:
         """Return the plan if every rank holds the same one (or none); else PlanMismatchError everywhere."""
         digest = plan.digest() if plan is not None else NO_PLAN

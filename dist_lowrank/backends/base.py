@@ -58,6 +58,13 @@ class Backend(ABC):
         """The dtype `gather` returns for `param` (the dtype factors are broadcast in)."""
         return param.dtype
 
+    def write(self, param: torch.Tensor, value: torch.Tensor, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Overwrite a parameter that keeps its shape with the full tensor `value` (the engine's working copy and
+        its master where it keeps one) and, if given, its optimizer moments with the full tensors in `state`
+        (keys of the optimizer's state; the step is left alone). For methods that move the weights themselves
+        between optimizer steps (DLRT's integrator). Every rank calls it with the same full tensors."""
+        raise NotImplementedError(f"{self.name}: this backend cannot write parameters in place")
+
     @abstractmethod
     def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -205,11 +205,24 @@ class DeepSpeedBackend(Backend):
         param group's (ZeRO keeps one per flat group), so it is not part of a parameter's state here."""
         if not param.requires_grad or ds_state.group_steps(self.engine)[0] is None:
             return None
+        self._link_for_this_step()
+        return {k: v.cpu() for k, v in ds_state.full_moments(param).items()}
+
+    def write(self, param: torch.Tensor, value: torch.Tensor, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """The working copy (ZeRO-3: this rank's partition) and the fp32 master and moments (ds_state)."""
+        ds_state.write_param(self.stage, param, value)
+        moments = {k: v for k, v in (state or {}).items() if k in ds_state.MOMENTS}
+        if param.requires_grad:
+            if moments:
+                self._link_for_this_step()
+            ds_state.write_full(self.stage, {"p": param}, {"p": value}, {"p": moments} if moments else {})
+
+    def _link_for_this_step(self) -> None:
+        """Per-parameter moment access (ZeRO-1/2 fragments) linked once per engine and optimizer step."""
         marker = (id(self.engine), getattr(self.engine, "global_steps", None))
         if getattr(self, "_linked_at", None) != marker:
             ds_state.relink(self.engine)
             self._linked_at = marker
-        return {k: v.cpu() for k, v in ds_state.full_moments(param).items()}
 
     def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:

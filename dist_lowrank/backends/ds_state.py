@@ -133,6 +133,24 @@ def restore(stage: int, params: dict[str, nn.Parameter], saved: Snapshot) -> Non
                     safe_set_full_optimizer_state(param, entry[key], key)
 
 
+def local_partition(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a ZeRO-3 parameter's flat, padded layout, cut from the full tensor."""
+    part = param.ds_tensor.numel()
+    flat = torch.zeros(part * dist.get_world_size(), dtype=torch.float32, device=full.device)
+    flat[: full.numel()] = full.reshape(-1).float()
+    return flat[dist.get_rank() * part:(dist.get_rank() + 1) * part].to(param.ds_tensor.device)
+
+
+def write_param(stage: int, param: torch.Tensor, full: torch.Tensor) -> None:
+    """The module's working copy of a parameter (bf16/fp16/fp32) from its full value: ZeRO-3 this rank's partition
+    (`ds_tensor`), ZeRO-0/1/2 the replicated tensor. The fp32 master is `write_full`'s."""
+    with torch.no_grad():
+        if stage == 3:
+            param.ds_tensor.copy_(local_partition(param, full))
+        else:
+            param.data.copy_(full.reshape(param.shape))
+
+
 def write_full(stage: int, params: dict[str, nn.Parameter], values: dict[str, torch.Tensor],
                states: dict[str, dict[str, Any]]) -> None:
     """fp32 masters (and moments) of changed parameters from full tensors: ZeRO-3 writes this rank's
@@ -149,10 +167,7 @@ def write_full(stage: int, params: dict[str, nn.Parameter], values: dict[str, to
         for key, full in entries.items():
             full = full.reshape(shape).float()
             if stage == 3:
-                part = param.ds_tensor.numel()
-                flat = torch.zeros(part * dist.get_world_size(), dtype=torch.float32, device=full.device)
-                flat[: full.numel()] = full.reshape(-1)
-                local = flat[dist.get_rank() * part:(dist.get_rank() + 1) * part].to(param.ds_tensor.device)
+                local = local_partition(param, full)
                 if key is None:
                     safe_set_local_fp32_param(param, local)
                 else:

@@ -104,6 +104,15 @@ class FSDP2Backend(Backend):
     def values_dtype(self, param: torch.Tensor) -> torch.dtype:
         return _local(param).dtype
 
+    def write(self, param: torch.Tensor, value: torch.Tensor, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """This rank's row shard of each full tensor copied into the local shards (no communication)."""
+        with torch.no_grad():
+            _local(param).copy_(_local(_shard_like(value.reshape(param.shape), param)))
+            held = self.optimizer.state.get(param)
+            for key, full in (state or {}).items():
+                if held and key in held:
+                    _local(held[key]).copy_(_local(_shard_like(full.reshape(param.shape), held[key])))
+
     def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """A new sharded model from the meta skeleton with the change's builders replayed (every change so far),

@@ -70,6 +70,14 @@ class LocalBackend(Backend):
         state = self.optimizer.state.get(param)
         return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else None
 
+    def write(self, param: torch.Tensor, value: torch.Tensor, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        with torch.no_grad():
+            param.copy_(value.reshape(param.shape))
+        held = self.optimizer.state.get(param)
+        for key, full in (state or {}).items():
+            if held and key in held:
+                held[key].copy_(full.reshape(held[key].shape))
+
     def rebuild(self, change: ShapeChange, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Module surgery on every rank (the same factors everywhere), then a new optimizer over the new parameters

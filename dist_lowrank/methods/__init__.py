@@ -21,6 +21,7 @@ METHODS = {
     "cuttlefish": "dist_lowrank.methods.cuttlefish.method:CuttlefishMethod",
     "fixed": "dist_lowrank.methods.fixed.method:FixedMethod",
     "inrank": "dist_lowrank.methods.inrank.method:InRankMethod",
+    "dlrt": "dist_lowrank.methods.dlrt.method:DLRTMethod",
 }
 
 

@@ -1,7 +1,8 @@
 """What the controller needs from a low-rank method — and nothing more, so it never names one.
 
 A method (one folder under `methods/`) has a config section, its layers, what it measures every cadence, its
-decision rule and its state. Per optimizer step the controller asks `due(step)`; when due, `measure(step, probe)`
+decision rule and its state. Per optimizer step the controller runs `update(step, probe)` (a method that moves the
+weights itself), then asks `due(step)`; when due, `measure(step, probe)`
 (collective: every rank calls it and gets the same values) and `decide(step, measurement)` (pure) give an optional
 `Plan`; once every rank agreed on it, `shape_change(plan, model)` describes it for the engines (`reshape.change`)
 and `committed(plan, measurements)` updates the method's own state and says what to log.
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 class Probe:
     """What a method may measure with: the engine's shard views, the stable-rank monitor, agreement, the event log.
-    `engine` is duck-typed (param_views, shard_views, unwrapped_model): methods never import a backend."""
+    `engine` is duck-typed (param_views, shard_views, unwrapped_model; gather, full_state, write and optimizer for
+    methods that move weights themselves): methods never import a backend."""
 
     def __init__(self, engine: Any, monitor: Any, coordinator: Any, emit: Callable[[dict[str, Any]], None]) -> None:
         self.engine, self.monitor, self.coordinator, self.emit = engine, monitor, coordinator, emit
@@ -79,6 +81,10 @@ class Method(ABC):
 
     def start(self, probe: Probe) -> None:
         """Once, before the first training step (Cuttlefish: the init measurement)."""
+
+    def update(self, step: int, probe: Probe) -> None:
+        """Collective, after every finite optimizer step: the method's own move of the weights (DLRT's integrator:
+        new bases and a truncated core, written through `probe.engine.write`); default: none."""
 
     @abstractmethod
     def due(self, step: int) -> bool:

@@ -17,7 +17,9 @@ from dist_lowrank.config_io import Range, ge
 class RunConfig:
     """Training-job settings (the plugin's own settings live in the `lowrank` section)."""
 
-    task: Literal["fmnist_cnn", "shakespeare_gpt"] = _help("model + data: VGG-style CNN on Fashion-MNIST, or GPT on Shakespeare", default="fmnist_cnn")
+    task: Literal["fmnist_cnn", "fmnist_mlp", "shakespeare_gpt"] = _help(
+        "model + data: VGG-style CNN or the 784-500-300-100-10 MLP on Fashion-MNIST, or GPT on Shakespeare",
+        default="fmnist_cnn")
     backend: Literal["local", "ddp", "fsdp2", "deepspeed"] = _help("local = one process, no wrapper", default="local")
     zero_stage: int = _help("DeepSpeed ZeRO stage (1, 2 or 3)", default=2)
     world_size: int = _help("processes to start when not launched by torchrun/deepspeed/mpirun/SLURM", default=1)

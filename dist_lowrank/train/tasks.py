@@ -32,8 +32,26 @@ def _classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tens
 
 def fmnist_cnn(run: RunConfig) -> Task:
     """VGG-style CNN on Fashion-MNIST: train split for training, the real test split for validation."""
-    from dist_lowrank.data.fashion_mnist import load_fashion_mnist
     from dist_lowrank.models.cnn import VGGSmall
+
+    return _fmnist(run, "fmnist_cnn", lambda: VGGSmall(run.width, run.hidden))
+
+
+def fmnist_mlp(run: RunConfig) -> Task:
+    """The DLRT paper's 784-500-300-100-10 ReLU MLP on Fashion-MNIST (images flattened)."""
+    def model() -> nn.Module:
+        sizes = [784, 500, 300, 100, 10]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+            layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+        return nn.Sequential(*layers)
+
+    return _fmnist(run, "fmnist_mlp", model)
+
+
+def _fmnist(run: RunConfig, name: str, model_fn: Callable[[], nn.Module]) -> Task:
+    """A classifier on Fashion-MNIST: the train split for training, the real test split for validation."""
+    from dist_lowrank.data.fashion_mnist import load_fashion_mnist
 
     train_x, train_y = load_fashion_mnist("train")
     if run.limit_train:
@@ -68,8 +86,7 @@ def fmnist_cnn(run: RunConfig) -> Task:
         model.train(was_training)
         return {"val_loss": loss_sum / total, "val_acc": correct / total}
 
-    return Task("fmnist_cnn", lambda: VGGSmall(run.width, run.hidden), batches, _classification_loss, evaluate,
-                samples_per_epoch=train_x.shape[0])
+    return Task(name, model_fn, batches, _classification_loss, evaluate, samples_per_epoch=train_x.shape[0])
 
 
 def shakespeare_gpt(run: RunConfig) -> Task:
@@ -161,7 +178,7 @@ def ood_windows(run: RunConfig, tokenizer, count: int) -> tuple[torch.Tensor, to
 
 def build_task(run: RunConfig) -> Task:
     """The task named in the run config."""
-    builders = {"fmnist_cnn": fmnist_cnn, "shakespeare_gpt": shakespeare_gpt}
+    builders = {"fmnist_cnn": fmnist_cnn, "fmnist_mlp": fmnist_mlp, "shakespeare_gpt": shakespeare_gpt}
     if run.task not in builders:
         from dist_lowrank.errors import ConfigError
 

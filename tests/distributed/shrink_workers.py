@@ -12,24 +12,25 @@ POST = 2                   # steps between the switch and the shrink
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def make_backend(kind: str, world: int):
+def make_backend(kind: str, world: int, model_fn=make_model, optimizer=optimizer_factory, ds_extra=None):
+    """The engine `kind` (local, ddp, fsdp2, zero1/2/3) around `model_fn()` with the `optimizer` factory."""
     if kind == "local":
         from dist_lowrank.backends.local_backend import LocalBackend
 
-        return LocalBackend(make_model(), optimizer_factory)
+        return LocalBackend(model_fn(), optimizer)
     if kind == "ddp":
         from dist_lowrank.backends.ddp_backend import DDPBackend
 
-        return DDPBackend(make_model(), optimizer_factory)
+        return DDPBackend(model_fn(), optimizer)
     if kind == "fsdp2":
         from dist_lowrank.backends.fsdp2_backend import FSDP2Backend
         from tests.distributed.fsdp_workers import parallelize
 
-        return FSDP2Backend(make_model, parallelize, optimizer_factory)
+        return FSDP2Backend(model_fn, parallelize, optimizer)
     from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
     from tests.distributed.ds_workers import ds_config
 
-    return DeepSpeedBackend(make_model(), ds_config(int(kind[-1]), world), optimizer_factory)
+    return DeepSpeedBackend(model_fn(), {**ds_config(int(kind[-1]), world), **(ds_extra or {})}, optimizer)
 
 
 def read_full(kind: str, backend) -> dict[str, dict[str, torch.Tensor]]:

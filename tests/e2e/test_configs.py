@@ -29,12 +29,14 @@ SHRINK = {
                         "run.eval_samples=16"],
     "fmnist_cnn": ["run.batch_size=8", "run.width=16", "run.hidden=128", "run.limit_train=512",
                    "run.eval_samples=200"],
+    "fmnist_mlp": ["run.batch_size=8", "run.limit_train=512", "run.eval_samples=200"],
 }
 STRATEGY = {
     "cuttlefish": ["lowrank.monitor.cadence_steps=2", "lowrank.cuttlefish.min_switch_step=0",
                    "lowrank.cuttlefish.max_switch_step=4", "lowrank.switch.profile_layers=false",
                    "lowrank.cuttlefish.rank_rule=raw"],  # at width 32 the scaled rule saves nothing
     "inrank": ["lowrank.inrank.warmup=2", "lowrank.inrank.gap=2"],
+    "dlrt": ["lowrank.dlrt.init_rank=8"],
     "none": [],
 }
 
@@ -101,7 +103,7 @@ def test_config_smoke_run_matches_one_process(path: Path, tmp_path: Path):
     elif lowrank.strategy == "none":
         assert summary["switch_step"] is None and summary["params_final"] == summary["params_full"]
     else:
-        assert summary["ranks"], "InRank layers report their ranks"
+        assert summary["ranks"], "InRank and DLRT layers report their ranks"
     assert (out / "report.md").exists() and list((out / "tb").glob("events.out.tfevents.*"))
 
 

@@ -1,0 +1,206 @@
+"""DLRT as a Method: after every optimizer step the integrator moves each DLRT layer to new bases and a truncated
+core (`update`, collective); when a rank outgrows its layer's capacity, or stays well below it for a while, the
+capacity changes through the shape-change pipeline (`decide` → `shape_change`: Embed / Slice).
+
+Per layer and step, in name order on every rank: the five factors gathered as full fp32 tensors (engine.gather),
+the new directions and the augmented core computed on every rank, the core's SVD and the truncation rank taken
+from rank 0 (one broadcast, so the decision is identical even where replicas differ in the last bits), then the
+new U, S, V, K, L and their rotated (or reset) moments written back (engine.write). The integrator's own traffic
+(gathers, the broadcast, KLS's all-reduce) is counted in bytes and logged with every rank event.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from dist_lowrank.errors import ConfigError
+from dist_lowrank.methods.base import Method, Probe
+from dist_lowrank.methods.dlrt import integrator
+from dist_lowrank.methods.dlrt.layer import DLRTLinear
+from dist_lowrank.methods.dlrt.model import dlrt_layers, max_rank_of, to_dlrt
+from dist_lowrank.methods.dlrt.reshape import capacity_change
+from dist_lowrank.methods.dlrt.rule import CapacityRule
+from dist_lowrank.plan import Plan
+from dist_lowrank.reshape.change import ParamChange, Rotate, ShapeChange, state_of
+
+LEAVES = ("u", "v", "s", "k", "l")
+
+
+def _pad(matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    out = matrix.new_zeros(rows, cols)
+    out[: matrix.shape[0], : matrix.shape[1]] = matrix
+    return out
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class DLRTMethod(Method):
+    name = "dlrt"
+
+    def __init__(self, cfg, targets: dict[str, nn.Module], dims: dict[str, tuple[int, int]],
+                 finished: bool = False) -> None:
+        super().__init__(cfg, targets, dims)
+        self.finished = finished
+        self.ranks = {n: m.rank for n, m in targets.items()}
+        self.capacities = {n: m.capacity for n, m in targets.items()}
+        self.wanted: dict[str, int] = dict(self.ranks)   # the rank the tolerance asked for at the last step
+        self.rule = CapacityRule(cfg.dlrt, dims, {n: max_rank_of(cfg, *d) for n, d in dims.items()})
+        self.last_step = 0
+        self.integrator_bytes = 0  # this rank's payload in the integrator's collectives, last step
+        self._engine: Any = None   # the engine of the last update (its model after a reshard)
+
+    @classmethod
+    def create(cls, cfg, engine: Any, steps_per_epoch: Optional[int] = None, finished: bool = False) -> "DLRTMethod":
+        if finished:
+            return cls(cfg, {}, {}, finished=True)
+        layers = dlrt_layers(engine.unwrapped_model())
+        if not layers:
+            raise ConfigError("lowrank.strategy: 'dlrt' needs a model converted with dist_lowrank.prepare_model "
+                              "(or methods.dlrt.model.to_dlrt) before the engine is built")
+        method = cls(cfg, dict(layers), {n: (m.out_features, m.in_features) for n, m in layers.items()})
+        method.set_modes(layers.values())
+        return method
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, cfg) -> nn.Module:
+        return to_dlrt(model, cfg)
+
+    @classmethod
+    def check_run(cls, cfg, sharded_parameters: bool) -> None:
+        if cfg.dlrt.start == "switch":
+            raise ConfigError("lowrank.dlrt.start: 'switch' (dense warm-up, then DLRT) is not available yet; "
+                              "use 'scratch'")
+        if cfg.dlrt.min_rank > cfg.dlrt.init_rank:
+            raise ConfigError(f"lowrank.dlrt.min_rank: {cfg.dlrt.min_rank} > init_rank {cfg.dlrt.init_rank}")
+        if cfg.dlrt.max_rank is not None and cfg.dlrt.max_rank < cfg.dlrt.min_rank:
+            raise ConfigError(f"lowrank.dlrt.max_rank: {cfg.dlrt.max_rank} < min_rank {cfg.dlrt.min_rank}")
+
+    @property
+    def done(self) -> bool:
+        return self.finished
+
+    def set_modes(self, layers) -> None:
+        """What the layers' backward keeps (KLS: each step's (x, gy) pairs) and whether only S still trains; set
+        again after every reshard (new modules)."""
+        for layer in layers:
+            layer.record = self.cfg.dlrt.integrator == "kls" and not self.finished
+            layer.s_only = self.finished
+            if not layer.record:
+                layer.records = None
+
+    # -- every step ------------------------------------------------------------------------------------
+    def update(self, step: int, probe: Probe) -> None:
+        start = time.perf_counter()
+        self.last_step, self.integrator_bytes, self._engine = step, 0, probe.engine
+        layers = dlrt_layers(probe.engine.unwrapped_model())
+        adapting = self.cfg.dlrt.adaptive_steps is None or step < self.cfg.dlrt.adaptive_steps
+        for name in sorted(self.targets):
+            self._integrate(name, layers[name], probe, step)
+        if not adapting:  # the paper's fine-tuning phase: bases fixed, only S trains
+            self.finished = True
+            self.set_modes(layers.values())
+        probe.emit({"event": "dlrt_step", "step": step, "ranks": dict(self.ranks), "wanted": dict(self.wanted),
+                    "capacities": dict(self.capacities), "integrator_bytes": self.integrator_bytes,
+                    "seconds": time.perf_counter() - start})
+
+    def _integrate(self, name: str, layer: DLRTLinear, probe: Probe, step: int) -> None:
+        cfg, engine, coordinator = self.cfg.dlrt, probe.engine, probe.coordinator
+        r, c = layer.rank, layer.capacity
+        m, n = self.dims[name]
+        full = {leaf: _at_least_fp32(engine.gather(getattr(layer, leaf))) for leaf in LEAVES}  # QR, SVD in fp32+
+        self.integrator_bytes += sum(_nbytes(t) for t in full.values())
+        u, v = full["u"][:, :r], full["v"][:, :r]
+        k1, l1, s1 = full["k"][:, :r], full["l"][:, :r], full["s"][:r, :r]
+        u_new, v_new = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
+        cross = None
+        if cfg.integrator == "kls":
+            local = integrator.cross_block(u_new, v_new, layer.records or [])
+            cross = -self._lr_of(engine, layer.s) * coordinator.mean_tensor(local)
+            self.integrator_bytes += _nbytes(local)
+            layer.records = None
+        core = integrator.augmented_core(u, v, k1, l1, s1, u_new, v_new, cross)
+        p, sigma, qh = torch.linalg.svd(core)
+        top = max_rank_of(self.cfg, m, n)
+        wanted = integrator.truncation_rank(sigma, cfg.theta, cfg.absolute, cfg.min_rank, top)
+        packed = torch.cat([p.reshape(-1), sigma, qh.reshape(-1), sigma.new_tensor([float(wanted)])])
+        packed = coordinator.broadcast_tensor(packed)  # rank 0's SVD and decision on every rank
+        self.integrator_bytes += _nbytes(packed)
+        a, b = core.shape
+        p, sigma = packed[: a * a].reshape(a, a), packed[a * a: a * a + min(a, b)]
+        qh = packed[a * a + min(a, b): -1].reshape(b, b)
+        wanted = int(packed[-1])
+        rank = min(wanted, c)
+        result = integrator.truncate(core, torch.cat([u, u_new], 1), torch.cat([v, v_new], 1), r, rank,
+                                     svd=(p, sigma, qh), wanted=wanted)
+        self._write(layer, engine, result, r, rank, c, m, n)
+        layer.set_rank(rank)
+        self.ranks[name], self.wanted[name] = rank, wanted
+        self.rule.observe(name, rank, c)
+
+    def _write(self, layer: DLRTLinear, engine: Any, result: "integrator.Truncated", r: int, rank: int, c: int,
+               m: int, n: int) -> None:
+        """New U, V, S, K = U S, L = V S at capacity c; moments of K, L, S rotated into the new coordinates."""
+        values = {"u": _pad(result.u, m, c), "v": _pad(result.v, n, c), "s": _pad(result.s, c, c),
+                  "k": _pad(result.u @ result.s, m, c), "l": _pad(result.v @ result.s, n, c)}
+        left, right = _pad(result.left, c, c), _pad(result.right, c, c)  # old coordinates -> new (zeros past r)
+        rotations = {"k": Rotate("k", None, right), "l": Rotate("l", None, left), "s": Rotate("s", left.T, right)}
+        for leaf, value in values.items():
+            param = getattr(layer, leaf)
+            state = None
+            if leaf in rotations:
+                old = engine.full_state(param)
+                if old:
+                    moments = {k: t for k, t in old.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
+                    if self.cfg.dlrt.moments == "rotate":
+                        new = state_of(ParamChange(rotations[leaf]), {leaf: moments}, tuple(value.shape))
+                    else:
+                        new = {k: torch.zeros_like(t) for k, t in moments.items()}
+                    state = {k: t for k, t in (new or {}).items() if isinstance(t, torch.Tensor) and t.dim() > 0}
+                    self.integrator_bytes += sum(_nbytes(t) for t in moments.values())
+            engine.write(param, value, state)
+
+    @staticmethod
+    def _lr_of(engine: Any, param: torch.Tensor) -> float:
+        """The current lr of the param group that holds `param` (the first group where the engine keeps flat
+        partitions instead of the parameters: ZeRO)."""
+        groups = engine.optimizer.param_groups
+        for group in groups:
+            if any(p is param for p in group["params"]):
+                return float(group["lr"])
+        return float(groups[0]["lr"])
+
+    def due(self, step: int) -> bool:
+        return True
+
+    def measure(self, step: int, probe: Probe) -> dict[str, int]:
+        return dict(self.wanted)
+
+    def decide(self, step: int, measurement: dict[str, int]) -> Optional[Plan]:
+        return self.rule.decide(step, measurement, dict(self.ranks), dict(self.capacities))
+
+    def shape_change(self, plan: Plan, model: nn.Module) -> Optional[ShapeChange]:
+        return capacity_change(dlrt_layers(model), dict(plan.ranks), dict(plan.capacities), plan.step)
+
+    def committed(self, plan: Plan, measurements: dict[str, Any]) -> dict[str, Any]:
+        self.capacities.update(plan.capacities)
+        self.rule.resized(plan.capacities)
+        self.set_modes(dlrt_layers(self._engine.unwrapped_model()).values())  # the reshard made new modules
+        return {"ranks": dict(plan.ranks), "capacities": dict(plan.capacities), "measurements": measurements}
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"wanted": dict(self.wanted), "last_step": self.last_step, **self.rule.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wanted.update(state.get("wanted", {}))
+        self.rule.load_state_dict(state)
+        self.last_step = int(state.get("last_step", 0))

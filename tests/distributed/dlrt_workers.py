@@ -1,0 +1,75 @@
+"""Workers of the DLRT parity tests: the tests' MLP with DLRT layers (lowrank.strategy dlrt, parallel integrator,
+plain SGD) trained on every engine through the real controller; the weights are read back with each engine's own API."""
+from __future__ import annotations
+
+import torch
+
+from tests.distributed.switch_common import local_batch, loss_fn, make_model
+
+DLRT_LAYERS = ("net.2", "net.4")
+STEPS, LR = 8, 0.2
+SETTINGS = {"strategy": "dlrt", "target_modules": list(DLRT_LAYERS),
+            "dlrt": {"theta": 0.45, "init_rank": 6, "min_rank": 2, "capacity_multiple": 1, "growth_factor": 1.5,
+                     "shrink_below": 0.6, "shrink_patience": 2}}
+
+
+def dlrt_config():
+    from dist_lowrank.config import LowRankConfig
+    from dist_lowrank.config_io import dataclass_from_dict
+
+    return dataclass_from_dict(LowRankConfig, SETTINGS, "lowrank")
+
+
+def dlrt_model():
+    from dist_lowrank import prepare_model
+
+    return prepare_model(make_model(), dlrt_config())
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR)
+
+
+def make_backend(kind: str, world: int):
+    from tests.distributed.shrink_workers import make_backend as engine
+
+    return engine(kind, world, dlrt_model, sgd, {"zero_allow_untested_optimizer": True})  # torch SGD as the client
+
+
+def full_value(kind: str, param: torch.Tensor) -> torch.Tensor:
+    if kind.startswith("zero"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().clone().cpu()
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone().cpu()
+
+
+def dlrt_worker(rank: int, world: int, kind: str) -> dict:
+    from dist_lowrank.controller import LowRankController
+
+    torch.manual_seed(0)
+    backend = make_backend(kind, world)
+    controller = LowRankController(backend, dlrt_config())
+    controller.start()
+    trajectory, resizes = [], []
+    for step in range(1, STEPS + 1):
+        loss = loss_fn(backend.model, local_batch(step, rank, world))
+        backend.backward(loss)
+        backend.step()
+        plan = controller.after_step(step, float(loss.detach()))
+        trajectory.append(dict(controller.ranks))
+        if plan is not None:
+            resizes.append((step, dict(plan.capacities)))
+    modules = backend.unwrapped_model()
+    weights = {}
+    for name in DLRT_LAYERS:
+        layer = modules.get_submodule(name)
+        r = layer.rank
+        u, s, v = (full_value(kind, getattr(layer, leaf)) for leaf in ("u", "s", "v"))
+        weights[name] = u[:, :r] @ s[:r, :r] @ v[:, :r].T
+    others = {n: full_value(kind, p) for n, p in modules.named_parameters() if n.rsplit(".", 1)[-1] not in "usvkl"}
+    bytes_logged = [e["integrator_bytes"] for e in controller.events if e["event"] == "dlrt_step"]
+    return {"trajectory": trajectory, "resizes": resizes, "weights": weights, "others": others,
+            "capacities": dict(controller.capacities), "integrator_bytes": bytes_logged}
+

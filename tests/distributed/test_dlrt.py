@@ -1,0 +1,86 @@
+"""DLRT on real ranks (issue 16): a rank-adaptive run on 2 ranks of DDP, FSDP2, ZeRO-2 and ZeRO-3 equals a
+plain-torch DLRT written here on the global batch (dense autograd gradient, the parallel integrator's formulas,
+torch.linalg.qr / svd, the documented truncation rule): the same rank trajectory, the same weights; every
+non-DLRT parameter equals plain SGD's."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.dist_harness import run_ranks
+from tests.distributed.dlrt_workers import DLRT_LAYERS, LR, SETTINGS, STEPS, dlrt_model, dlrt_worker
+from tests.distributed.switch_common import global_batch
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
+
+
+def is_factor(name: str) -> bool:
+    return any(name == f"{layer}.{leaf}" for layer in DLRT_LAYERS for leaf in "usvkl")
+
+
+def orth_new(basis: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """Columns of Q from qr([basis, update]) past the basis (plain torch)."""
+    q, _ = torch.linalg.qr(torch.cat([basis, update], 1))
+    return q[:, basis.shape[1]: basis.shape[1] + min(update.shape[1], basis.shape[0] - basis.shape[1])]
+
+
+def reference_run() -> tuple[list[dict], dict, dict]:
+    """Plain-torch DLRT with SGD: per step the dense gradient of each W = U S Vᵀ, K1 = US − λGV, L1 = VS − λGᵀU,
+    S1 = S − λUᵀGV, the augmented core, its SVD truncated at ‖σ[j:]‖ < θ‖σ‖, ranks in [min_rank, min(m,n)/2]."""
+    cfg = SETTINGS["dlrt"]
+    model = dlrt_model().double()
+    layers = {n: model.get_submodule(n) for n in DLRT_LAYERS}
+    factors = {n: [l.u.detach()[:, :l.rank].clone(), l.s.detach()[:l.rank, :l.rank].clone(),
+                   l.v.detach()[:, :l.rank].clone()] for n, l in layers.items()}
+    others = {n: p for n, p in model.named_parameters() if not is_factor(n)}
+    trajectory = []
+    for step in range(1, STEPS + 1):
+        ws = {n: (u @ s @ v.T).requires_grad_(True) for n, (u, s, v) in factors.items()}
+        x, y = global_batch(step)
+        h = x.double()
+        for index, module in enumerate(model.net):
+            name = f"net.{index}"
+            h = F.linear(h, ws[name], module.bias) if name in ws else module(h)
+        for p in others.values():
+            p.grad = None
+        F.cross_entropy(h, y).backward()
+        with torch.no_grad():
+            for p in others.values():
+                p -= LR * p.grad
+        ranks = {}
+        for name, (u, s, v) in factors.items():
+            g = ws[name].grad
+            k1, l1, s1 = u @ s - LR * g @ v, v @ s.T - LR * g.T @ u, s - LR * u.T @ g @ v
+            un, vn = orth_new(u, k1), orth_new(v, l1)
+            core = torch.cat([torch.cat([s1, l1.T @ vn], 1), torch.cat([un.T @ k1, torch.zeros(un.shape[1], vn.shape[1],
+                                                                                             dtype=u.dtype)], 1)], 0)
+            p, sigma, qh = torch.linalg.svd(core)
+            m, n = g.shape
+            j = next(j for j in range(len(sigma) + 1) if float(sigma[j:].norm()) < cfg["theta"] * float(sigma.norm()))
+            j = max(min(j, min(m, n) // 2, len(sigma)), cfg["min_rank"])
+            factors[name] = [torch.cat([u, un], 1) @ p[:, :j], torch.diag(sigma[:j]), torch.cat([v, vn], 1) @ qh.T[:, :j]]
+            ranks[name] = j
+        trajectory.append(ranks)
+    weights = {n: u @ s @ v.T for n, (u, s, v) in factors.items()}
+    return trajectory, weights, {n: p.detach() for n, p in others.items()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_run()
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_two_ranks_follow_the_plain_torch_dlrt(kind, reference):
+    trajectory, weights, others = reference
+    assert len({tuple(sorted(r.items())) for r in trajectory}) > 1, "the reference must change ranks"
+    results = run_ranks(dlrt_worker, world=2, timeout=240, args=(kind,))
+    for r in results:
+        assert r["trajectory"] == trajectory, kind
+        for name, w in weights.items():
+            assert torch.allclose(r["weights"][name].double(), w, atol=2e-5), (kind, name)
+        for name, p in others.items():
+            assert torch.allclose(r["others"][name].double(), p, atol=2e-5), (kind, name)
+        assert all(b > 0 for b in r["integrator_bytes"])
+    assert results[0]["resizes"] == results[1]["resizes"]

@@ -1,0 +1,223 @@
+"""DLRT (issue 16): the layer's one-pass gradients, each integrator's step and the truncation, against plain-torch
+formulas written here (dense autograd, torch.linalg.qr / svd, the tangent-space projection) — not the code under
+test — in float64; the method through a real LocalBackend; the capacity rule; config errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dist_lowrank import prepare_model
+from dist_lowrank.backends.local_backend import LocalBackend
+from dist_lowrank.config import LowRankConfig
+from dist_lowrank.config_io import dataclass_from_dict
+from dist_lowrank.controller import LowRankController
+from dist_lowrank.errors import ConfigError
+from dist_lowrank.methods.dlrt import integrator
+from dist_lowrank.methods.dlrt.layer import DLRTLinear
+from dist_lowrank.methods.dlrt.rule import CapacityRule
+
+pytestmark = pytest.mark.unit
+M, N, R, LR = 12, 10, 3, 0.1
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def point():
+    """U, S, V, a batch and its dense gradient G = dL/dW at W = U S Vᵀ (plain autograd)."""
+    gen = torch.Generator().manual_seed(1)
+    u, v = orthonormal(M, R, 2), orthonormal(N, R, 3)
+    s = torch.diag(torch.tensor([3.0, 1.5, 0.7], dtype=torch.float64))
+    x = torch.randn(16, N, generator=gen, dtype=torch.float64)
+    t = torch.randn(16, M, generator=gen, dtype=torch.float64)
+    w = (u @ s @ v.T).requires_grad_(True)
+    ((x @ w.T - t) ** 2).mean().backward()
+    return u, s, v, x, t, w.grad
+
+
+def layer_at(u, s, v) -> DLRTLinear:
+    layer = DLRTLinear(N, M, R, 2 * R, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        layer.u[:, :R], layer.v[:, :R], layer.s[:R, :R] = u, v, s
+        layer.k[:, :R], layer.l[:, :R] = u @ s, v @ s.T
+    return layer
+
+
+def test_one_backward_gives_the_integrators_gradients():
+    u, s, v, x, t, g = point()
+    layer = layer_at(u, s, v)
+    ((layer(x) - t) ** 2).mean().backward()
+    assert torch.allclose(layer.k.grad[:, :R], g @ v, atol=1e-12)
+    assert torch.allclose(layer.l.grad[:, :R], g.T @ u, atol=1e-12)
+    assert torch.allclose(layer.s.grad[:R, :R], u.T @ g @ v, atol=1e-12)
+    assert layer.k.grad[:, R:].abs().max() == 0 and layer.s.grad[R:].abs().max() == 0  # inactive columns
+    assert layer.u.grad is None and layer.v.grad is None  # frozen bases: no optimizer state, no decay
+
+
+def sgd_inputs():
+    u, s, v, x, t, g = point()
+    return u, s, v, g, u @ s - LR * g @ v, v @ s.T - LR * g.T @ u, s - LR * u.T @ g @ v
+
+
+def test_parallel_step_untruncated_is_w_minus_lr_times_the_tangent_projection():
+    u, s, v, g, k1, l1, s1 = sgd_inputs()
+    un, vn = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
+    core = integrator.augmented_core(u, v, k1, l1, s1, un, vn)
+    w1 = torch.cat([u, un], 1) @ core @ torch.cat([v, vn], 1).T
+    pu, pv = u @ u.T, v @ v.T
+    tangent = pu @ g + g @ pv - pu @ g @ pv
+    assert torch.allclose(w1, u @ s @ v.T - LR * tangent, atol=1e-10)
+
+
+def test_kls_step_untruncated_is_the_galerkin_step_on_the_augmented_bases():
+    u, s, v, g, k1, l1, s1 = sgd_inputs()
+    uh, _ = torch.linalg.qr(torch.cat([k1, u], 1))  # the reference's orth([K1, U]), plain torch
+    vh, _ = torch.linalg.qr(torch.cat([l1, v], 1))
+    expected = u @ s @ v.T - LR * uh @ uh.T @ g @ vh @ vh.T
+    un, vn = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
+    cross = -LR * (un.T @ g @ vn)
+    core = integrator.augmented_core(u, v, k1, l1, s1, un, vn, cross)
+    w1 = torch.cat([u, un], 1) @ core @ torch.cat([v, vn], 1).T
+    assert torch.allclose(w1, expected, atol=1e-10)
+    _, _, _, x, t, _ = point()  # the cross block from recorded (x, gy) equals Ũᵀ G Ṽ
+    gy = 2 * (x @ (u @ s @ v.T).T - t) / t.numel()
+    assert torch.allclose(integrator.cross_block(un, vn, [(x, gy)]), un.T @ g @ vn, atol=1e-12)
+
+
+def test_truncation_error_equals_the_svd_tail_and_v_is_not_vh():
+    u, s, v, g, k1, l1, s1 = sgd_inputs()
+    un, vn = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
+    core = integrator.augmented_core(u, v, k1, l1, s1, un, vn)
+    ua, va = torch.cat([u, un], 1), torch.cat([v, vn], 1)
+    full = ua @ core @ va.T
+    sigma = torch.linalg.svdvals(full)
+    rank = integrator.truncation_rank(torch.linalg.svdvals(core), 0.3, False, 1, 2 * R)
+    tails = [float(sigma[j:].norm()) for j in range(len(sigma))]
+    assert rank == next(j for j, tail in enumerate(tails) if tail < 0.3 * float(sigma.norm()))
+    result = integrator.truncate(core, ua, va, R, rank)
+    err = (full - result.u @ result.s @ result.v.T).norm()
+    assert abs(float(err) - float(sigma[rank:].norm())) < 1e-10
+    assert torch.allclose(result.v.T @ result.v, torch.eye(rank, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("sigma, theta, absolute, lo, hi, expected", [
+    ([4.0, 2.0, 1.0, 0.5], 0.3, False, 1, 4, 2),   # tails 4.61, 2.29, 1.12, 0.5; limit 1.38 -> j = 2
+    ([4.0, 2.0, 1.0, 0.5], 1.2, True, 1, 4, 2),
+    ([4.0, 2.0, 1.0, 0.5], 0.3, False, 3, 4, 3),   # min_rank
+    ([4.0, 2.0, 1.0, 0.5], 0.01, False, 1, 2, 2),  # max_rank
+])
+def test_truncation_rank_by_hand(sigma, theta, absolute, lo, hi, expected):
+    assert integrator.truncation_rank(torch.tensor(sigma), theta, absolute, lo, hi) == expected
+
+
+def dlrt_config(**dlrt) -> LowRankConfig:
+    return dataclass_from_dict(LowRankConfig, {"strategy": "dlrt", "target_modules": ["0"],
+                                               "dlrt": {"init_rank": R, **dlrt}}, "lowrank")
+
+
+@pytest.mark.parametrize("integ", ["parallel", "kls"])
+def test_the_method_takes_the_plain_torch_step_through_a_real_backend(integ):
+    """One SGD step of a model through LocalBackend + controller equals the formula above, truncated at theta."""
+    torch.manual_seed(0)
+    cfg = dlrt_config(theta=0.05, integrator=integ)
+    model = prepare_model(nn.Sequential(nn.Linear(N, M, bias=False)).double(), cfg)
+    layer = model[0]
+    u, s, v = layer.u.detach()[:, :R].clone(), layer.s.detach()[:R, :R].clone(), layer.v.detach()[:, :R].clone()
+    backend = LocalBackend(model, lambda p: torch.optim.SGD(p, lr=LR))
+    controller = LowRankController(backend, cfg)
+    gen = torch.Generator().manual_seed(4)
+    x, t = torch.randn(16, N, generator=gen, dtype=torch.float64), torch.randn(16, M, generator=gen, dtype=torch.float64)
+    w = (u @ s @ v.T).requires_grad_(True)
+    ((x @ w.T - t) ** 2).mean().backward()
+    g = w.grad
+    backend.backward(((backend.model(x) - t) ** 2).mean())
+    backend.step()
+    controller.after_step(1, 1.0)
+    pu, pv = u @ u.T, v @ v.T
+    if integ == "parallel":
+        full = u @ s @ v.T - LR * (pu @ g + g @ pv - pu @ g @ pv)
+    else:
+        uh, _ = torch.linalg.qr(torch.cat([u @ s - LR * g @ v, u], 1))
+        vh, _ = torch.linalg.qr(torch.cat([v @ s.T - LR * g.T @ u, v], 1))
+        full = u @ s @ v.T - LR * uh @ uh.T @ g @ vh @ vh.T
+    sigma = torch.linalg.svdvals(full)
+    rank = next(j for j in range(len(sigma) + 1) if float(sigma[j:].norm()) < 0.05 * float(sigma.norm()))
+    rank = max(2, min(rank, 2 * R, layer.capacity))
+    left, _, right = torch.linalg.svd(full)
+    expected = left[:, :rank] @ torch.diag(sigma[:rank]) @ right[:rank]
+    assert layer.rank == rank == controller.ranks["0"]
+    assert torch.allclose(layer.weight_matrix().detach(), expected, atol=1e-8)
+    r = layer.rank
+    assert torch.allclose(layer.k[:, :r], layer.u[:, :r] @ layer.s[:r, :r], atol=1e-12)
+    assert torch.allclose(layer.u[:, :r].T @ layer.u[:, :r], torch.eye(r, dtype=torch.float64), atol=1e-10)
+
+
+def test_adam_moments_rotate_into_the_new_bases():
+    """exp_avg of K after the step = the old one in the new V coordinates: m_K · (V_oldᵀ V_new)."""
+    torch.manual_seed(0)
+    cfg = dlrt_config(theta=0.05)
+    model = prepare_model(nn.Sequential(nn.Linear(N, M, bias=False)).double(), cfg)
+    backend = LocalBackend(model, lambda p: torch.optim.Adam(p, lr=1e-2))
+    controller = LowRankController(backend, cfg)
+    layer = model[0]
+    x, t = torch.randn(16, N, dtype=torch.float64), torch.randn(16, M, dtype=torch.float64)
+    backend.backward(((backend.model(x) - t) ** 2).mean())
+    backend.step()
+    v_old, m_k = layer.v.detach().clone(), backend.optimizer.state[layer.k]["exp_avg"].clone()
+    controller.after_step(1, 1.0)
+    r = layer.rank
+    rotated = m_k[:, :R] @ (v_old[:, :R].T @ layer.v.detach()[:, :r])
+    assert torch.allclose(backend.optimizer.state[layer.k]["exp_avg"][:, :r], rotated, atol=1e-10)
+    assert backend.optimizer.state[layer.k]["exp_avg"][:, r:].abs().max() == 0
+
+
+def test_capacity_grows_geometrically_and_shrinks_after_patience():
+    cfg = dlrt_config(growth_factor=1.5, capacity_multiple=4, shrink_below=0.5, shrink_patience=3).dlrt
+    rule = CapacityRule(cfg, {"a": (64, 64)}, {"a": 32})
+    plan = rule.decide(1, {"a": 9}, {"a": 8}, {"a": 8})
+    assert plan.kind == "resize" and plan.capacities == {"a": 16}  # 9 × 1.5 = 13.5 -> 16
+    for _ in range(2):
+        rule.observe("a", 3, 16)
+    assert rule.decide(2, {"a": 3}, {"a": 3}, {"a": 16}) is None  # below for 2 < 3 steps: no reshard yet
+    rule.observe("a", 3, 16)
+    assert rule.decide(3, {"a": 3}, {"a": 3}, {"a": 16}).capacities == {"a": 8}  # 3 × 1.5 -> 8 (multiple of 4)
+    rule.observe("a", 9, 16)
+    assert rule.below["a"] == 0
+
+
+def test_a_shrink_keeps_the_function_and_untouched_state():
+    """Rank drops under the tolerance, the capacity shrinks through the pipeline (Slice), the output is unchanged."""
+    torch.manual_seed(0)
+    cfg = dlrt_config(theta=0.6, shrink_patience=1, init_rank=5, capacity_multiple=1, max_rank=8)
+    model = prepare_model(nn.Sequential(nn.Linear(N, M), nn.Tanh(), nn.Linear(M, 4)).double(), cfg)
+    backend = LocalBackend(model, lambda p: torch.optim.Adam(p, lr=1e-3))
+    controller = LowRankController(backend, cfg)
+    x = torch.randn(8, N, dtype=torch.float64)
+    backend.backward(backend.model(x).square().mean())
+    backend.step()
+    head_state = {k: v.clone() for k, v in backend.optimizer.state[model[2].weight].items()}
+    before_capacity = model[0].capacity
+    controller.method.update(1, controller.probe)
+    out_before = backend.model(x).detach()
+    plan = controller.coordinator.agree(controller.method.decide(1, controller.method.measure(1, controller.probe)))
+    assert plan is not None and plan.capacities["0"] < before_capacity
+    controller.execute(plan)
+    new = backend.unwrapped_model()
+    assert new[0].capacity == plan.capacities["0"] and new[0].rank == controller.ranks["0"]
+    assert torch.equal(backend.model(x).detach(), out_before)
+    for key, value in head_state.items():
+        assert torch.equal(backend.optimizer.state[new[2].weight][key], value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"theta": 0}, "lowrank.dlrt.theta"),
+    ({"integrator": "rk4"}, "lowrank.dlrt.integrator"),
+    ({"shrink_below": 1.5}, "lowrank.dlrt.shrink_below"),
+])
+def test_bad_config_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        dlrt_config(**override)
+    assert message in str(info.value) and "\n" not in str(info.value)

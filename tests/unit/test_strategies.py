@@ -15,6 +15,7 @@ from dist_lowrank.plan import Plan
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.methods import method_class
 from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy, ema, stability_score
+from dist_lowrank.methods.dlrt.rule import CapacityRule
 from dist_lowrank.methods.fixed.rule import FixedRatioStrategy
 from dist_lowrank.methods.inrank.rule import InRankGrowthRule, next_capacity
 
@@ -315,5 +316,7 @@ def test_method_registry():
     assert isinstance(method_class("fixed").make_rule(LowRankConfig(strategy="fixed"), dims), FixedRatioStrategy)
     inrank = method_class("inrank")(LowRankConfig(strategy="inrank", inrank=InRankConfig(tau=0.7)), {}, dims).rule
     assert isinstance(inrank, InRankGrowthRule) and inrank.cfg.tau == 0.7
-    with pytest.raises(ConfigError, match=r"lowrank.strategy: got 'bogus'; allowed: cuttlefish, fixed, inrank, none"):
+    dlrt = method_class("dlrt")(LowRankConfig(strategy="dlrt"), {}, dims).rule
+    assert isinstance(dlrt, CapacityRule) and dlrt.max_ranks == {"a": 32}  # min(m, n) / 2 by default
+    with pytest.raises(ConfigError, match=r"lowrank.strategy: got 'bogus'; allowed: cuttlefish, dlrt, fixed, inrank, none"):
         method_class("bogus")

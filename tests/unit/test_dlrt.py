@@ -65,7 +65,7 @@ def sgd_inputs():
 def test_parallel_step_untruncated_is_w_minus_lr_times_the_tangent_projection():
     u, s, v, g, k1, l1, s1 = sgd_inputs()
     un, vn = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
-    core = integrator.augmented_core(u, v, k1, l1, s1, un, vn)
+    core = integrator.augmented_core(k1, l1, s1, un, vn)
     w1 = torch.cat([u, un], 1) @ core @ torch.cat([v, vn], 1).T
     pu, pv = u @ u.T, v @ v.T
     tangent = pu @ g + g @ pv - pu @ g @ pv
@@ -79,7 +79,7 @@ def test_kls_step_untruncated_is_the_galerkin_step_on_the_augmented_bases():
     expected = u @ s @ v.T - LR * uh @ uh.T @ g @ vh @ vh.T
     un, vn = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
     cross = -LR * (un.T @ g @ vn)
-    core = integrator.augmented_core(u, v, k1, l1, s1, un, vn, cross)
+    core = integrator.augmented_core(k1, l1, s1, un, vn, cross)
     w1 = torch.cat([u, un], 1) @ core @ torch.cat([v, vn], 1).T
     assert torch.allclose(w1, expected, atol=1e-10)
     _, _, _, x, t, _ = point()  # the cross block from recorded (x, gy) equals Ũᵀ G Ṽ
@@ -90,7 +90,7 @@ def test_kls_step_untruncated_is_the_galerkin_step_on_the_augmented_bases():
 def test_truncation_error_equals_the_svd_tail_and_v_is_not_vh():
     u, s, v, g, k1, l1, s1 = sgd_inputs()
     un, vn = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
-    core = integrator.augmented_core(u, v, k1, l1, s1, un, vn)
+    core = integrator.augmented_core(k1, l1, s1, un, vn)
     ua, va = torch.cat([u, un], 1), torch.cat([v, vn], 1)
     full = ua @ core @ va.T
     sigma = torch.linalg.svdvals(full)

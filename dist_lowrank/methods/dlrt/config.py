@@ -26,10 +26,8 @@ class DLRTConfig:
                                     check=ge(1), default=None)
     start: Literal["scratch", "switch"] = _help(
         "scratch: U S V from the SVD of the layer's initial weight at init_rank (Haar-random bases, the dense "
-        "spectrum); switch: train dense first, then U S V from the trained weight's SVD (lowrank.switch_step)",
+        "spectrum); switch: train dense first, then U S V from the trained weight's SVD",
         default="scratch")
-    switch_step: int = _help("start=switch: the optimizer step at which the dense layers become DLRT (>= 1)",
-                             check=ge(1), default=100)
     adaptive_steps: Optional[int] = _help("optimizer steps of rank adaptation; after them U and V are fixed and "
                                           "only S trains (the paper's fine-tuning phase); null: adapt to the end",
                                           check=ge(1), default=None)

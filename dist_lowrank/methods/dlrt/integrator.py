@@ -34,8 +34,7 @@ def new_directions(basis: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return q - basis @ (basis.T @ q)
 
 
-def augmented_core(u: torch.Tensor, v: torch.Tensor, k1: torch.Tensor, l1: torch.Tensor, s1: torch.Tensor,
-                   u_new: torch.Tensor, v_new: torch.Tensor,
+def augmented_core(k1: torch.Tensor, l1: torch.Tensor, s1: torch.Tensor, u_new: torch.Tensor, v_new: torch.Tensor,
                    cross: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[[S1, L1ᵀṼ], [ŨᵀK1, cross or 0]]: the (r+p)×(r+q) core of the step on the bases [U Ũ], [V Ṽ]."""
     top = torch.cat([s1, l1.T @ v_new], dim=1)

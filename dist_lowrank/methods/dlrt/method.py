@@ -127,7 +127,7 @@ class DLRTMethod(Method):
             cross = -self._lr_of(engine, layer.s) * coordinator.mean_tensor(local)
             self.integrator_bytes += _nbytes(local)
             layer.records = None
-        core = integrator.augmented_core(u, v, k1, l1, s1, u_new, v_new, cross)
+        core = integrator.augmented_core(k1, l1, s1, u_new, v_new, cross)
         p, sigma, qh = torch.linalg.svd(core)
         top = max_rank_of(self.cfg, m, n)
         wanted = integrator.truncation_rank(sigma, cfg.theta, cfg.absolute, cfg.min_rank, top)
@@ -141,13 +141,12 @@ class DLRTMethod(Method):
         rank = min(wanted, c)
         result = integrator.truncate(core, torch.cat([u, u_new], 1), torch.cat([v, v_new], 1), r, rank,
                                      svd=(p, sigma, qh), wanted=wanted)
-        self._write(layer, engine, result, r, rank, c, m, n)
+        self._write(layer, engine, result, c, m, n)
         layer.set_rank(rank)
         self.ranks[name], self.wanted[name] = rank, wanted
         self.rule.observe(name, rank, c)
 
-    def _write(self, layer: DLRTLinear, engine: Any, result: "integrator.Truncated", r: int, rank: int, c: int,
-               m: int, n: int) -> None:
+    def _write(self, layer: DLRTLinear, engine: Any, result: "integrator.Truncated", c: int, m: int, n: int) -> None:
         """New U, V, S, K = U S, L = V S at capacity c; moments of K, L, S rotated into the new coordinates."""
         values = {"u": _pad(result.u, m, c), "v": _pad(result.v, n, c), "s": _pad(result.s, c, c),
                   "k": _pad(result.u @ result.s, m, c), "l": _pad(result.v @ result.s, n, c)}

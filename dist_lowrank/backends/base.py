@@ -20,6 +20,7 @@ class Backend(ABC):
     name: str = "base"
     owns_gradients: bool = False  # True where gradients live in the engine's own buffers (ZeRO): penalties go in the loss
     shards_parameters: bool = False  # True where a rank holds only a piece of each parameter (FSDP2, ZeRO-3)
+    shards_optimizer_state: bool = False  # True where a rank holds only a piece of the optimizer state (FSDP2, ZeRO)
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any = None  # an LR scheduler stepped with the optimizer (backends that own one set it)

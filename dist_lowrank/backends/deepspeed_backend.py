@@ -64,6 +64,7 @@ class DeepSpeedBackend(Backend):
         self.config = dict(config)
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         self.shards_parameters = self.stage == 3
+        self.shards_optimizer_state = self.stage >= 1
         self.optimizer_factory = optimizer_recipe(optimizer_factory)
         self.initialize_kwargs = initialize_kwargs
         named = dict(model.named_parameters())

@@ -49,6 +49,7 @@ class FSDP2Backend(Backend):
 
     name = "fsdp2"
     shards_parameters = True
+    shards_optimizer_state = True
 
     def __init__(self, model_fn: Callable[[], nn.Module], parallelize_fn: Callable[[nn.Module], nn.Module],
                  optimizer_factory: OptimizerSpec, scheduler_factory: Optional[SchedulerSpec] = None,

@@ -23,3 +23,19 @@ class VGGSmall(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+class LeNet5(nn.Module):
+    """The LeNet-5 of Caffe and of the DLRT paper (430,500 weights): conv 5×5 1→20, pool, conv 5×5 20→50, pool,
+    fc 800→500, fc 500→10, ReLU."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 20, 5), nn.Conv2d(20, 50, 5)
+        self.fc1, self.fc2 = nn.Linear(800, 500), nn.Linear(500, num_classes)
+        self.pool, self.act = nn.MaxPool2d(2), nn.ReLU()
+
+    def forward(self, x):
+        x = self.pool(self.act(self.conv1(x)))
+        x = self.pool(self.act(self.conv2(x)))
+        return self.fc2(self.act(self.fc1(x.flatten(1))))

@@ -115,7 +115,20 @@ def build_report(events: list[dict[str, Any]]) -> dict[str, Any]:
         "srank_trajectories": {name: [[e["step"], e["sranks"][name]] for e in estimates]
                                for name in (estimates[0]["sranks"] if estimates else {})},
         "changes": [{"step": e["step"], "event": e["event"], "ranks": e.get("ranks", {})} for e in changes],
+        "rank_trajectories": _rank_trajectories(events),
     }
+
+
+def _rank_trajectories(events: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
+    """Per layer, [step, rank] at every logged change: switches, growths and every-step adaptations alike."""
+    out: dict[str, list[list[int]]] = {}
+    for e in events:
+        if e.get("event") in ("switch", "grow", "fix", "rank_update"):
+            for name, rank in (e.get("ranks") or {}).items():
+                points = out.setdefault(name, [])
+                if not points or points[-1][1] != rank:
+                    points.append([e["step"], rank])
+    return out
 
 
 def _own_pace_speedup(summary: dict[str, Any], full: dict[str, Any]) -> Optional[float]:
@@ -176,7 +189,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             steps = m.get("seconds") / step_time if step_time and m.get("seconds") is not None else None
             lines.append(f"| {rank} | {_fmt(m.get('seconds'), 3)} | {_fmt(steps, 1)} | {_fmt(m.get('peak_rss_mb'), 0)} "
                          f"| {_fmt(m.get('peak_rss_delta_mb'), 0)} |")
-    lines += ["", "Plots: `srank.png` (stable-rank trajectories, switch marked), `savings.png` (params and comm)."]
+    trajectories = report.get("rank_trajectories") or {}
+    if any(len(points) > 1 for points in trajectories.values()):
+        lines += ["", "## Ranks over time (`ranks.png`)", "", "| layer | first | final | min | max | changes |",
+                  "|---|---|---|---|---|---|"]
+        for name, points in trajectories.items():
+            ranks = [p[1] for p in points]
+            lines.append(f"| {name} | {ranks[0]} (step {points[0][0]}) | {ranks[-1]} (step {points[-1][0]}) "
+                         f"| {min(ranks)} | {max(ranks)} | {len(points) - 1} |")
+    lines += ["", "Plots: `srank.png` (stable-rank trajectories, switch marked), `savings.png` (params and comm)"
+              + (", `ranks.png` (rank per layer over the run)." if trajectories else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +223,22 @@ def render_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "srank.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+
+    trajectories = report.get("rank_trajectories") or {}
+    if trajectories:
+        last = max([p[0] for points in trajectories.values() for p in points] + [report["summary"]["steps"] or 0])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, points in trajectories.items():  # piecewise constant between logged changes
+            ax.step([p[0] for p in points] + [last], [p[1] for p in points] + [points[-1][1]], where="post",
+                    label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("rank")
+        ax.set_title("Rank per layer")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "ranks.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
 
     phases = list(report["phases"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))

@@ -73,6 +73,13 @@ class RunLogger:
                     add(f"lowrank/srank/{name}", value, step)
         elif record.get("event") == "spectrum":
             add("comm/bytes_per_check/gram", record["gram_bytes"], step)
+        elif record.get("event") == "rank_update":  # a method that adapts ranks every step, at each change
+            for name, rank in record["ranks"].items():
+                add(f"lowrank/rank/{name}", rank, step)
+            for name, capacity in (record.get("capacities") or {}).items():
+                add(f"lowrank/capacity/{name}", capacity, step)
+            if record.get("integrator_bytes") is not None:
+                add("comm/bytes_per_step/integrator", record["integrator_bytes"], step)
         elif record.get("event") in ("switch", "grow", "fix"):
             for name, rank in record["ranks"].items():
                 add(f"lowrank/rank/{name}", rank, step)

@@ -37,6 +37,13 @@ def fmnist_cnn(run: RunConfig) -> Task:
     return _fmnist(run, "fmnist_cnn", lambda: VGGSmall(run.width, run.hidden))
 
 
+def fmnist_lenet(run: RunConfig) -> Task:
+    """The DLRT paper's LeNet-5 (conv 20, conv 50, fc 500, fc 10) on Fashion-MNIST."""
+    from dist_lowrank.models.cnn import LeNet5
+
+    return _fmnist(run, "fmnist_lenet", LeNet5)
+
+
 def fmnist_mlp(run: RunConfig) -> Task:
     """The DLRT paper's 784-500-300-100-10 ReLU MLP on Fashion-MNIST (images flattened)."""
     def model() -> nn.Module:
@@ -178,7 +185,7 @@ def ood_windows(run: RunConfig, tokenizer, count: int) -> tuple[torch.Tensor, to
 
 def build_task(run: RunConfig) -> Task:
     """The task named in the run config."""
-    builders = {"fmnist_cnn": fmnist_cnn, "fmnist_mlp": fmnist_mlp, "shakespeare_gpt": shakespeare_gpt}
+    builders = {"fmnist_cnn": fmnist_cnn, "fmnist_mlp": fmnist_mlp, "fmnist_lenet": fmnist_lenet, "shakespeare_gpt": shakespeare_gpt}
     if run.task not in builders:
         from dist_lowrank.errors import ConfigError
 

@@ -31,10 +31,10 @@ def overrides_args(overrides: list[str]) -> list[str]:
 
 
 def cli(out: Path, overrides: list[str], env: Optional[dict] = None, check: bool = True,
-        launcher: Optional[list[str]] = None) -> subprocess.CompletedProcess:
-    """`dist-lowrank train tiny_gpt.yaml` (it spawns its ranks) or `<launcher> launch/train.py ...`."""
+        launcher: Optional[list[str]] = None, config: Path = CONFIG) -> subprocess.CompletedProcess:
+    """`dist-lowrank train tiny_gpt.yaml` (or `config`; it spawns its ranks) or `<launcher> launch/train.py ...`."""
     head = launcher + ["launch/train.py"] if launcher else [str(BIN / "dist-lowrank"), "train"]
-    proc = subprocess.run(head + [str(CONFIG)] + overrides_args(CKPT + [f"run.out_dir={out}"] + overrides),
+    proc = subprocess.run(head + [str(config)] + overrides_args(CKPT + [f"run.out_dir={out}"] + overrides),
                           cwd=ROOT, env=clean_env(env), capture_output=True, text=True, timeout=400)
     if check:
         assert proc.returncode == 0, f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

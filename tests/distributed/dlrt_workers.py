@@ -8,6 +8,7 @@ from tests.distributed.switch_common import local_batch, loss_fn, make_model
 
 DLRT_LAYERS = ("net.2", "net.4")
 STEPS, LR = 8, 0.2
+PERTURBED_STEP = 3
 SETTINGS = {"strategy": "dlrt", "target_modules": list(DLRT_LAYERS),
             "dlrt": {"theta": 0.45, "init_rank": 6, "min_rank": 2, "capacity_multiple": 1, "growth_factor": 1.5,
                      "shrink_below": 0.6, "shrink_patience": 2}}
@@ -45,20 +46,30 @@ def full_value(kind: str, param: torch.Tensor) -> torch.Tensor:
     return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone().cpu()
 
 
-def dlrt_worker(rank: int, world: int, kind: str) -> dict:
+def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False) -> dict:
+    """`perturb`: rank 1 adds 1e-7·N(0, 1) to its replica of every factor after step PERTURBED_STEP's optimizer
+    step (DDP: the replicas then differ, as they may in the last bits on real hardware)."""
     from dist_lowrank.controller import LowRankController
 
     torch.manual_seed(0)
     backend = make_backend(kind, world)
     controller = LowRankController(backend, dlrt_config())
     controller.start()
-    trajectory, resizes = [], []
+    trajectory, resizes, bytes_logged, capacities = [], [], [], [dict(controller.capacities)]
     for step in range(1, STEPS + 1):
         loss = loss_fn(backend.model, local_batch(step, rank, world))
         backend.backward(loss)
         backend.step()
+        if perturb and rank == 1 and step == PERTURBED_STEP:  # this replica's factors differ from rank 0's
+            with torch.no_grad():
+                for name in DLRT_LAYERS:
+                    for leaf in "uvskl":
+                        param = getattr(backend.unwrapped_model().get_submodule(name), leaf)
+                        param.add_(1e-7 * torch.randn_like(param))
         plan = controller.after_step(step, float(loss.detach()))
         trajectory.append(dict(controller.ranks))
+        bytes_logged.append(controller.method.integrator_bytes)
+        capacities.append(dict(controller.capacities))
         if plan is not None:
             resizes.append((step, dict(plan.capacities)))
     modules = backend.unwrapped_model()
@@ -69,7 +80,10 @@ def dlrt_worker(rank: int, world: int, kind: str) -> dict:
         u, s, v = (full_value(kind, getattr(layer, leaf)) for leaf in ("u", "s", "v"))
         weights[name] = u[:, :r] @ s[:r, :r] @ v[:, :r].T
     others = {n: full_value(kind, p) for n, p in modules.named_parameters() if n.rsplit(".", 1)[-1] not in "usvkl"}
-    bytes_logged = [e["integrator_bytes"] for e in controller.events if e["event"] == "dlrt_step"]
+    logged = [e for e in controller.events if e["event"] == "rank_update"]
     return {"trajectory": trajectory, "resizes": resizes, "weights": weights, "others": others,
-            "capacities": dict(controller.capacities), "integrator_bytes": bytes_logged}
+            "capacities": dict(controller.capacities), "integrator_bytes": bytes_logged, "logged": logged,
+            "capacity_trajectory": capacities,
+            "dims": {n: (modules.get_submodule(n).out_features, modules.get_submodule(n).in_features)
+                     for n in DLRT_LAYERS}}
 

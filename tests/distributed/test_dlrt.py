@@ -66,6 +66,24 @@ def reference_run() -> tuple[list[dict], dict, dict]:
     return trajectory, weights, {n: p.detach() for n, p in others.items()}
 
 
+def expected_integrator_bytes(kind: str, result: dict) -> list[int]:
+    """Per step, from the model's shapes: every layer's SVD + decision broadcast (the (r+p)² + (r+q)² + min + 1
+    fp32 of the augmented core, p = min(r, m − r), q = min(r, n − r)); where parameters are sharded the five
+    factors' gathers ((2m + 2n + c)·c fp32 at capacity c). Plain SGD keeps no moments to move."""
+    out = []
+    for step in range(1, STEPS + 1):
+        total = 0
+        for name, (m, n) in result["dims"].items():
+            r = result["trajectory"][step - 2][name] if step > 1 else SETTINGS["dlrt"]["init_rank"]
+            c = result["capacity_trajectory"][step - 1][name]
+            a, b = r + min(r, m - r), r + min(r, n - r)
+            total += 4 * (a * a + min(a, b) + b * b + 1)
+            if kind in ("fsdp2", "zero3"):
+                total += 4 * (2 * m + 2 * n + c) * c
+        out.append(total)
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference():
     return reference_run()
@@ -82,5 +100,23 @@ def test_two_ranks_follow_the_plain_torch_dlrt(kind, reference):
             assert torch.allclose(r["weights"][name].double(), w, atol=2e-5), (kind, name)
         for name, p in others.items():
             assert torch.allclose(r["others"][name].double(), p, atol=2e-5), (kind, name)
-        assert all(b > 0 for b in r["integrator_bytes"])
+        assert r["integrator_bytes"] == expected_integrator_bytes(kind, r), kind
     assert results[0]["resizes"] == results[1]["resizes"]
+
+
+def test_a_perturbed_replica_takes_the_same_decisions(reference):
+    """DDP with rank 1's factors perturbed by 1e-7 at step 3: the SVD and the truncation come from rank 0 through
+    the coordinator, so both ranks keep one rank trajectory (the reference's) and the same shapes; the weights stay
+    within the perturbation's reach of each other and of the reference."""
+    trajectory, weights, _ = reference
+    results = run_ranks(dlrt_worker, world=2, timeout=240, args=("ddp", True))
+    assert results[0]["trajectory"] == results[1]["trajectory"] == trajectory
+    assert results[0]["resizes"] == results[1]["resizes"] and results[0]["capacities"] == results[1]["capacities"]
+    for name, w in weights.items():
+        mine, theirs = results[0]["weights"][name].double(), results[1]["weights"][name].double()
+        assert 0 < (mine - theirs).abs().max() < 1e-5, name  # perturbed, and still the same run
+        assert torch.allclose(theirs, w, atol=2e-5), name
+    steps = [e["step"] for e in results[0]["logged"]]
+    assert steps[0] == 1 and [e["ranks"] for e in results[0]["logged"]] == \
+        [trajectory[s - 1] for s in steps]  # rank_update events: one per change of the trajectory
+    assert {s for s in range(2, len(trajectory) + 1) if trajectory[s - 1] != trajectory[s - 2]} <= set(steps)

@@ -30,6 +30,7 @@ SHRINK = {
     "fmnist_cnn": ["run.batch_size=8", "run.width=16", "run.hidden=128", "run.limit_train=512",
                    "run.eval_samples=200"],
     "fmnist_mlp": ["run.batch_size=8", "run.limit_train=512", "run.eval_samples=200"],
+    "fmnist_lenet": ["run.batch_size=8", "run.limit_train=512", "run.eval_samples=200"],
 }
 STRATEGY = {
     "cuttlefish": ["lowrank.monitor.cadence_steps=2", "lowrank.cuttlefish.min_switch_step=0",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dist_lowrank import prepare_model
@@ -14,7 +15,7 @@ from dist_lowrank.config_io import dataclass_from_dict
 from dist_lowrank.controller import LowRankController
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.methods.dlrt import integrator
-from dist_lowrank.methods.dlrt.layer import DLRTLinear
+from dist_lowrank.methods.dlrt.layer import DLRTConv2d, DLRTLinear
 from dist_lowrank.methods.dlrt.rule import CapacityRule
 
 pytestmark = pytest.mark.unit
@@ -84,7 +85,9 @@ def test_kls_step_untruncated_is_the_galerkin_step_on_the_augmented_bases():
     assert torch.allclose(w1, expected, atol=1e-10)
     _, _, _, x, t, _ = point()  # the cross block from recorded (x, gy) equals Ũᵀ G Ṽ
     gy = 2 * (x @ (u @ s @ v.T).T - t) / t.numel()
-    assert torch.allclose(integrator.cross_block(un, vn, [(x, gy)]), un.T @ g @ vn, atol=1e-12)
+    layer = layer_at(u, s, v)
+    layer.records = [(x, gy)]
+    assert torch.allclose(layer.cross_block(un, vn), un.T @ g @ vn, atol=1e-12) and layer.records is None
 
 
 def test_truncation_error_equals_the_svd_tail_and_v_is_not_vh():
@@ -221,3 +224,32 @@ def test_bad_config_is_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         dlrt_config(**override)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_conv_layer_runs_as_two_convolutions_with_the_integrators_gradients():
+    """DLRTConv2d's forward equals F.conv2d with W = U S Vᵀ reshaped to c_out×c_in×k×k (plain torch), and one
+    backward gives G V, Gᵀ U, Uᵀ G V and the input gradient of that dense conv; KLS's cross block is Ũᵀ G Ṽ."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)).double()
+    layer = DLRTConv2d.from_conv(conv, 4, 6)
+    u, s, v = layer.u[:, :4].detach(), layer.s[:4, :4].detach(), layer.v[:, :4].detach()
+    w = (u @ s @ v.T).reshape(conv.weight.shape).requires_grad_(True)
+    x = torch.randn(5, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    target = torch.randn_like(conv(x.detach()))
+    dense = F.conv2d(x2, w, conv.bias.detach(), conv.stride, conv.padding, conv.dilation)
+    ((dense - target) ** 2).sum().backward()
+    layer.record = True
+    out = layer(x)
+    assert torch.allclose(out, dense, atol=1e-10)
+    ((out - target) ** 2).sum().backward()
+    g = w.grad.reshape(8, -1)
+    assert torch.allclose(layer.k.grad[:, :4], g @ v, atol=1e-9)
+    assert torch.allclose(layer.l.grad[:, :4], g.T @ u, atol=1e-9)
+    assert torch.allclose(layer.s.grad[:4, :4], u.T @ g @ v, atol=1e-9)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-10)
+    assert layer.k.grad[:, 4:].abs().max() == 0
+    un, vn = orthonormal(8, 2, 5), orthonormal(18, 3, 6)
+    assert torch.allclose(layer.cross_block(un, vn), un.T @ g @ vn, atol=1e-9)
+    grown = layer.resized(4, 6)
+    assert type(grown) is DLRTConv2d and grown.stride == (2, 1) and grown.dilation == (1, 2)

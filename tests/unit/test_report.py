@@ -86,3 +86,33 @@ def test_bad_run_directories_give_one_line_errors(tmp_path):
     with pytest.raises(ReportError, match=":2: not JSON") as info:
         load_events(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_rank_adaptive_trajectories_reach_tensorboard_and_the_report(tmp_path):
+    """DLRT logs a rank_update event whenever a rank or capacity changes: TensorBoard has each layer's rank and
+    capacity at those steps, the report's trajectory is the events' ranks, `ranks.png` and its table exist."""
+    run, lowrank = load_train_config("configs/dlrt_mlp_fmnist.yaml", [
+        "run.backend=local", "run.world_size=1", "run.steps=12", "run.batch_size=16", "run.limit_train=512",
+        "run.eval_samples=200", "run.eval_every=0", "run.log_every=4", "run.lr=0.01", f"run.out_dir={tmp_path}",
+        "lowrank.dlrt.init_rank=8", "lowrank.dlrt.theta=0.45", "lowrank.dlrt.capacity_multiple=1"])
+    train(run, lowrank)
+    updates = [e for e in load_events(tmp_path) if e["event"] == "rank_update"]
+    assert len(updates) > 2, "the job must change ranks"
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    report = write_report(tmp_path)
+    for name in updates[0]["ranks"]:
+        assert [(s.step, s.value) for s in acc.Scalars(f"lowrank/rank/{name}")] == \
+            [(e["step"], e["ranks"][name]) for e in updates]
+        assert [s.value for s in acc.Scalars(f"lowrank/capacity/{name}")] == [e["capacities"][name] for e in updates]
+        expected = []
+        for e in updates:
+            if not expected or expected[-1][1] != e["ranks"][name]:
+                expected.append([e["step"], e["ranks"][name]])
+        assert report["rank_trajectories"][name] == expected
+    assert [s.value for s in acc.Scalars("comm/bytes_per_step/integrator")] == \
+        [e["integrator_bytes"] for e in updates]
+    assert "## Ranks over time" in (tmp_path / "report.md").read_text()
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "ranks.png").std() > 0

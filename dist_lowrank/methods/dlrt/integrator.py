@@ -8,7 +8,7 @@ One step, after the optimizer moved K = U S, L = V Sᵀ and S (K1, L1, S1; the g
     parallel: [[S1, L1ᵀṼ], [ŨᵀK1, 0]]       — with plain SGD exactly W − λ·P_T(G), P_T the tangent projection;
     kls:      [[S1, L1ᵀṼ], [ŨᵀK1, −λ ŨᵀGṼ]] — the S step of the KLS integrator on the augmented bases: its
               gradient there is (ÛᵀGV̂) at the same weight (Û S̃ V̂ᵀ = U S Vᵀ), whose first three blocks the
-              optimizer already took; the fourth comes from the batch's activations (`cross_block`);
+              optimizer already took; the fourth comes from the batch's activations (the layer's `cross_block`);
 - truncation by the core's SVD P Σ Qᵀ at the smallest j with ‖σ[j:]‖ < ϑ‖σ‖ (or < ϑ): U ← [U Ũ] P_j,
   V ← [V Ṽ] Q_j, S ← diag(σ_j); then K = U S, L = V S.
 The reference code (DLRT-Net) uses the SVD's Vh as V; here V ← [V Ṽ] Q with Q = Vhᵀ (`truncate`).
@@ -78,12 +78,3 @@ def truncate(core: torch.Tensor, u_aug: torch.Tensor, v_aug: torch.Tensor, r: in
     left, right = p[:, :rank], q[:, :rank]
     return Truncated(u_aug @ left, torch.diag(sigma[:rank]), v_aug @ right, left[:r], right[:r], sigma,
                      rank if wanted is None else wanted)
-
-
-def cross_block(u_new: torch.Tensor, v_new: torch.Tensor, records: list[tuple[torch.Tensor, torch.Tensor]]
-                ) -> torch.Tensor:
-    """ŨᵀGṼ of this rank's batch: G = Σ gyᵀ x over the recorded (input, output-gradient) pairs of the step."""
-    out = u_new.new_zeros(u_new.shape[1], v_new.shape[1])
-    for x, gy in records:
-        out += (gy.to(u_new.dtype) @ u_new).T @ (x.to(v_new.dtype) @ v_new)
-    return out

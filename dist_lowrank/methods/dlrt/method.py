@@ -6,7 +6,8 @@ Per layer and step, in name order on every rank: the five factors gathered as fu
 the new directions and the augmented core computed on every rank, the core's SVD and the truncation rank taken
 from rank 0 (one broadcast, so the decision is identical even where replicas differ in the last bits), then the
 new U, S, V, K, L and their rotated (or reset) moments written back (engine.write). The integrator's own traffic
-(gathers, the broadcast, KLS's all-reduce) is counted in bytes and logged with every rank event.
+(gathers, the broadcast, KLS's all-reduce) is counted in bytes; a `rank_update` event (ranks, wanted ranks,
+capacities, bytes) is emitted whenever they change, so the report and TensorBoard draw each layer's trajectory.
 """
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ class DLRTMethod(Method):
         self.rule = CapacityRule(cfg.dlrt, dims, {n: max_rank_of(cfg, *d) for n, d in dims.items()})
         self.last_step = 0
         self.integrator_bytes = 0  # this rank's payload in the integrator's collectives, last step
+        self.integrator_bytes_total = 0
+        self._last_logged: Optional[tuple] = None  # (ranks, wanted, capacities) of the last rank_update event
         self._engine: Any = None   # the engine of the last update (its model after a reshard)
+        self._world = 1
 
     @classmethod
     def create(cls, cfg, engine: Any, steps_per_epoch: Optional[int] = None, finished: bool = False) -> "DLRTMethod":
@@ -101,6 +105,7 @@ class DLRTMethod(Method):
     def update(self, step: int, probe: Probe) -> None:
         start = time.perf_counter()
         self.last_step, self.integrator_bytes, self._engine = step, 0, probe.engine
+        self._world = probe.coordinator.world_size
         layers = dlrt_layers(probe.engine.unwrapped_model())
         adapting = self.cfg.dlrt.adaptive_steps is None or step < self.cfg.dlrt.adaptive_steps
         for name in sorted(self.targets):
@@ -108,32 +113,36 @@ class DLRTMethod(Method):
         if not adapting:  # the paper's fine-tuning phase: bases fixed, only S trains
             self.finished = True
             self.set_modes(layers.values())
-        probe.emit({"event": "dlrt_step", "step": step, "ranks": dict(self.ranks), "wanted": dict(self.wanted),
-                    "capacities": dict(self.capacities), "integrator_bytes": self.integrator_bytes,
-                    "seconds": time.perf_counter() - start})
+        self.integrator_bytes_total += self.integrator_bytes
+        state = (dict(self.ranks), dict(self.wanted), dict(self.capacities))
+        if state != self._last_logged:  # trajectories are piecewise constant: log their changes, not every step
+            self._last_logged = state
+            probe.emit({"event": "rank_update", "step": step, "ranks": state[0], "wanted": state[1],
+                        "capacities": state[2], "integrator_bytes": self.integrator_bytes,
+                        "integrator_bytes_total": self.integrator_bytes_total, "seconds": time.perf_counter() - start})
 
     def _integrate(self, name: str, layer: DLRTLinear, probe: Probe, step: int) -> None:
         cfg, engine, coordinator = self.cfg.dlrt, probe.engine, probe.coordinator
         r, c = layer.rank, layer.capacity
         m, n = self.dims[name]
         full = {leaf: _at_least_fp32(engine.gather(getattr(layer, leaf))) for leaf in LEAVES}  # QR, SVD in fp32+
-        self.integrator_bytes += sum(_nbytes(t) for t in full.values())
+        element = layer.s.element_size()
+        self._count(engine.shards_parameters, sum(t.numel() for t in full.values()) * element)
         u, v = full["u"][:, :r], full["v"][:, :r]
         k1, l1, s1 = full["k"][:, :r], full["l"][:, :r], full["s"][:r, :r]
         u_new, v_new = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
         cross = None
         if cfg.integrator == "kls":
-            local = integrator.cross_block(u_new, v_new, layer.records or [])
+            local = layer.cross_block(u_new, v_new)
             cross = -self._lr_of(engine, layer.s) * coordinator.mean_tensor(local)
-            self.integrator_bytes += _nbytes(local)
-            layer.records = None
+            self._count(True, _nbytes(local))
         core = integrator.augmented_core(k1, l1, s1, u_new, v_new, cross)
         p, sigma, qh = torch.linalg.svd(core)
         top = max_rank_of(self.cfg, m, n)
         wanted = integrator.truncation_rank(sigma, cfg.theta, cfg.absolute, cfg.min_rank, top)
         packed = torch.cat([p.reshape(-1), sigma, qh.reshape(-1), sigma.new_tensor([float(wanted)])])
         packed = coordinator.broadcast_tensor(packed)  # rank 0's SVD and decision on every rank
-        self.integrator_bytes += _nbytes(packed)
+        self._count(True, _nbytes(packed))
         a, b = core.shape
         p, sigma = packed[: a * a].reshape(a, a), packed[a * a: a * a + min(a, b)]
         qh = packed[a * a + min(a, b): -1].reshape(b, b)
@@ -164,8 +173,14 @@ class DLRTMethod(Method):
                     else:
                         new = {k: torch.zeros_like(t) for k, t in moments.items()}
                     state = {k: t for k, t in (new or {}).items() if isinstance(t, torch.Tensor) and t.dim() > 0}
-                    self.integrator_bytes += sum(_nbytes(t) for t in moments.values())
+                    self._count(engine.shards_optimizer_state, sum(_nbytes(t) for t in moments.values()))
             engine.write(param, value, state)
+
+    def _count(self, communicated: bool, nbytes: int) -> None:
+        """Add a collective's payload to this step's integrator bytes: only where it crosses ranks (a gather of
+        a replicated parameter, or anything on one process, moves nothing)."""
+        if communicated and self._world > 1:
+            self.integrator_bytes += int(nbytes)
 
     @staticmethod
     def _lr_of(engine: Any, param: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Put a model into DLRT form before training: targeted Linear / HF Conv1D layers become U S Vᵀ layers.
+"""Put a model into DLRT form before training: targeted Linear / HF Conv1D / Conv2d layers become U S Vᵀ layers.
 
 Like InRank's to_inrank (and PEFT's get_peft_model): called where the model is built, before DDP / FSDP2 /
 DeepSpeed wrap it. With start=scratch each layer starts from the truncated SVD of its own initial weight at
@@ -10,7 +10,7 @@ from torch import nn
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.layers import is_hf_conv1d, matrix_dims, weight_matrix
-from dist_lowrank.methods.dlrt.layer import DLRTLinear
+from dist_lowrank.methods.dlrt.layer import DLRTConv2d, DLRTLinear
 from dist_lowrank.methods.dlrt.rule import capacity_for
 from dist_lowrank.surgery import replace_module
 from dist_lowrank.targeting import select_targets
@@ -23,21 +23,26 @@ def max_rank_of(cfg: LowRankConfig, m: int, n: int) -> int:
 
 
 def dlrt_from_dense(module: nn.Module, cfg: LowRankConfig) -> DLRTLinear:
-    """A DLRTLinear with the dense layer's function truncated to init_rank (its bias copied)."""
+    """A DLRT layer with the dense layer's function truncated to init_rank (its bias copied)."""
     m, n = matrix_dims(module)
     top = max_rank_of(cfg, m, n)
     rank = max(min(cfg.dlrt.init_rank, top), min(cfg.dlrt.min_rank, top))
     capacity = capacity_for(rank, m, n, cfg.dlrt.growth_factor, cfg.dlrt.capacity_multiple, top)
+    if isinstance(module, nn.Conv2d):
+        return DLRTConv2d.from_conv(module, rank, capacity)
     layer = DLRTLinear.from_matrix(weight_matrix(module).detach(), module.bias, rank, capacity)
     return layer.to(dtype=module.weight.dtype)
 
 
 def to_dlrt(model: nn.Module, cfg: LowRankConfig) -> nn.Module:
-    """Replace every targeted nn.Linear / HF Conv1D by a DLRTLinear (start=scratch); returns the model."""
+    """Replace every targeted nn.Linear / HF Conv1D / Conv2d by its DLRT layer (start=scratch); returns the model."""
     for name, module in select_targets(model, cfg.target_modules, cfg.exclude_modules).items():
-        if not (type(module) is nn.Linear or is_hf_conv1d(module)):
-            raise ConfigError(f"lowrank.target_modules: {name} is a {type(module).__name__}; "
-                              "DLRT supports nn.Linear and transformers' Conv1D layers")
+        conv_ok = type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" \
+            and not isinstance(module.padding, str)
+        if not (type(module) is nn.Linear or is_hf_conv1d(module) or conv_ok):
+            raise ConfigError(f"lowrank.target_modules: {name} is a {type(module).__name__}"
+                              f"{' (grouped, padded by mode or by name)' if type(module) is nn.Conv2d else ''}; "
+                              "DLRT supports nn.Linear, transformers' Conv1D and nn.Conv2d (groups=1, zero padding)")
         replace_module(model, name, dlrt_from_dense(module, cfg))
     return model
 

@@ -13,12 +13,6 @@ from dist_lowrank.reshape.change import Embed, Keep, LayerChange, ParamChange, S
 FACTORS = {"u": "rows", "v": "rows", "k": "rows", "l": "rows", "s": "square"}
 
 
-def _resized_like(old: DLRTLinear, rank: int, capacity: int) -> DLRTLinear:
-    new = DLRTLinear(old.in_features, old.out_features, rank, capacity, old.bias is not None, **like(old))
-    new.s_only, new.record = old.s_only, old.record
-    return new
-
-
 def capacity_layer(name: str, layer: DLRTLinear, rank: int, capacity: int) -> LayerChange:
     """`layer` at `capacity` (≥ rank): each factor's leading block kept, the rest zeros (grow) or cut (shrink)."""
     m, n, old = layer.out_features, layer.in_features, layer.capacity
@@ -32,7 +26,7 @@ def capacity_layer(name: str, layer: DLRTLinear, rank: int, capacity: int) -> La
             params[leaf] = ParamChange(Slice(leaf, (keep if form == "square" else None, keep)))
     if layer.bias is not None:
         params["bias"] = ParamChange(Keep())
-    return LayerChange(name, lambda module: _resized_like(module, rank, capacity), params)
+    return LayerChange(name, lambda module: module.resized(rank, capacity, **like(module)), params)
 
 
 def capacity_change(modules, ranks: dict[str, int], capacities: dict[str, int], step: int) -> ShapeChange:

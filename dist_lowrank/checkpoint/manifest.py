@@ -108,6 +108,8 @@ def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Modu
             reference = next(module.parameters())
             replace_module(model, name, empty_factorized(module, int(entry["rank"]), device=reference.device,
                                                          dtype=reference.dtype))
+        elif kind is None and is_factorizable(module) and (built := _method_layer(module, entry)) is not None:
+            replace_module(model, name, built)  # the run switched to a method's own layers mid-run
         else:
             if kind != entry["type"] or not callable(getattr(module, "with_layout", None)):
                 raise CheckpointError(f"layout.{name}: saved as {entry['type']!r}, but the model's layer is "
@@ -117,6 +119,12 @@ def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Modu
             if shaped is not module:
                 replace_module(model, name, shaped)
     return model
+
+
+def _method_layer(module: nn.Module, entry: dict[str, Any]) -> Optional[nn.Module]:
+    from dist_lowrank.methods import layer_for_layout
+
+    return layer_for_layout(module, entry)
 
 
 def check_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> None:

@@ -57,3 +57,13 @@ def check_run(cfg: "LowRankConfig", sharded_parameters: bool) -> None:
     cls = method_class(cfg.strategy)
     if cls is not None:
         cls.check_run(cfg, sharded_parameters)
+
+
+def layer_for_layout(module: nn.Module, entry: dict) -> Optional[nn.Module]:
+    """The method layer a checkpoint's layout entry describes, built in place of the dense `module` by the method
+    whose layers carry `entry["type"]`; None if no method builds it (checkpoint.manifest.apply_layout)."""
+    for name in METHODS:
+        layer = method_class(name).layer_for_layout(module, entry)
+        if layer is not None:
+            return layer
+    return None

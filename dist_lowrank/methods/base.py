@@ -62,6 +62,12 @@ class Method(ABC):
         return model
 
     @classmethod
+    def layer_for_layout(cls, module: nn.Module, entry: dict) -> Optional[nn.Module]:
+        """An empty layer of this method's checkpoint layout entry `entry` in place of the dense `module` (a run
+        that switched to the method's layers mid-run, resumed into a freshly built dense model); default: None."""
+        return None
+
+    @classmethod
     def check_run(cls, cfg: "LowRankConfig", sharded_parameters: bool) -> None:
         """Raise a one-line ConfigError for an option this method cannot run on such an engine."""
 

@@ -13,7 +13,9 @@ Vocabulary, for each parameter of a new module (by leaf name inside its layer):
 - `Embed(src, shape, fill)`  the old tensor in the leading corner of a bigger one; the rest zeros, or what
                 `fill(shape)` draws (deterministic: the same on every rank, e.g. InRank's seeded V columns).
 - `Factor(side)` one factor of the layer's truncated SVD at `LayerChange.rank`: "a" = U√Σ (m×r),
-                "b" = √ΣVᵀ (r×n), of the m×n matrix `LayerChange.matrix` reads (computed once, by an owner rank).
+                "b" = √ΣVᵀ (r×n), of the m×n matrix `LayerChange.matrix` reads (computed once, by an owner rank);
+                or a part of that SVD: "u" = U, "v" = V, "sigma" = diag Σ, "us" = UΣ, "vs" = VΣ, each in the
+                leading corner of a bigger parameter where the layer allocates more than the rank (zeros elsewhere).
 - `Rotate(src, left, right)`  left @ old @ right on the (dim 0 × rest) view, small matrices identical on
                 every rank (a basis change).
 Optimizer state of each new parameter (`ParamChange.state`): "same" applies the value's op to every moment
@@ -68,7 +70,7 @@ class Embed:
 
 @dataclass(frozen=True)
 class Factor:
-    side: Literal["a", "b"]
+    side: Literal["a", "b", "u", "v", "sigma", "us", "vs"]
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def value_of(op: Op, old: dict[str, torch.Tensor], factors: Optional[tuple[torch
     if isinstance(op, Factor):
         if factors is None:
             raise ValueError("Factor op without factors")
-        return factors[0 if op.side == "a" else 1].reshape(shape)
+        part = factor_part(factors, op.side)
+        return part.reshape(shape) if part.numel() == torch.Size(shape).numel() else embed_tensor(part, shape)
     if isinstance(op, Keep):
         raise ValueError("Keep has no new value: the engine keeps the old parameter")
     source = old[op.source]
@@ -195,6 +198,24 @@ def state_of(change: ParamChange, old_states: dict[str, Optional[dict]], shape: 
         else:
             out[key] = value_of(op, {op.source: value}, None, shape)
     return out
+
+
+def factor_part(factors: tuple[torch.Tensor, torch.Tensor], side: str) -> torch.Tensor:
+    """A Factor op's tensor from the layer's (A, B) = (U√Σ, √ΣVᵀ): column i of A has norm √σᵢ, row i of B too, so
+    UΣ = A·‖Bᵢ‖ and VΣ = Bᵀ·‖Aᵢ‖ need no division; U = A / ‖Aᵢ‖ is guarded (a zero singular value gives a zero
+    column, which the next truncation drops)."""
+    a, b = factors
+    if side in ("a", "b"):
+        return a if side == "a" else b
+    compute = torch.promote_types(a.dtype, torch.float32)
+    a32, b32 = a.to(compute), b.to(compute)
+    root_a, root_b = a32.norm(dim=0), b32.norm(dim=1)
+    tiny = torch.finfo(compute).tiny
+    parts = {"u": lambda: a32 / root_a.clamp_min(tiny), "v": lambda: b32.T / root_b.clamp_min(tiny),
+             "sigma": lambda: torch.diag(root_a * root_b), "us": lambda: a32 * root_b, "vs": lambda: b32.T * root_a}
+    if side not in parts:
+        raise ValueError(f"Factor side {side!r}: allowed a, b, u, v, sigma, us, vs")
+    return parts[side]().to(a.dtype)
 
 
 def slice_tensor(tensor: torch.Tensor, index: tuple[Optional[tuple[int, ...]], ...]) -> torch.Tensor:

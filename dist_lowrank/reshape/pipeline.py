@@ -113,6 +113,9 @@ def _projected(backend: Any, layer: LayerChange, old_module, old_params: dict,
               if p.state == "project" and isinstance(p.value, Factor)}
     if not wanted:
         return {}
+    if set(wanted.values()) - {"a", "b"}:
+        raise DistLowRankError(f"{layer.name}: projected moments exist for the factors a, b only, not "
+                               f"{sorted(set(wanted.values()) - {'a', 'b'})}")
     if "weight" not in old_params or factors is None:
         raise DistLowRankError(f"{layer.name}: projected factor moments need a dense layer with a weight "
                                f"(use lowrank.switch.factor_moments: zero)")

@@ -14,27 +14,34 @@ SETTINGS = {"strategy": "dlrt", "target_modules": list(DLRT_LAYERS),
                      "shrink_below": 0.6, "shrink_patience": 2}}
 
 
-def dlrt_config():
+SWITCH_STEP = 3
+SWITCH = {"dlrt": {**SETTINGS["dlrt"], "start": "switch"}, "monitor": {"cadence_steps": 1},
+          "cuttlefish": {"min_switch_step": 0, "max_switch_step": SWITCH_STEP, "rank_rule": "raw"},
+          "switch": {"profile_layers": False}}
+
+
+def dlrt_config(switch: bool = False):
     from dist_lowrank.config import LowRankConfig
     from dist_lowrank.config_io import dataclass_from_dict
 
-    return dataclass_from_dict(LowRankConfig, SETTINGS, "lowrank")
+    return dataclass_from_dict(LowRankConfig, {**SETTINGS, **(SWITCH if switch else {})}, "lowrank")
 
 
-def dlrt_model():
+def dlrt_model(switch: bool = False):
     from dist_lowrank import prepare_model
 
-    return prepare_model(make_model(), dlrt_config())
+    return prepare_model(make_model(), dlrt_config(switch))
 
 
 def sgd(params):
     return torch.optim.SGD(params, lr=LR)
 
 
-def make_backend(kind: str, world: int):
+def make_backend(kind: str, world: int, switch: bool = False):
     from tests.distributed.shrink_workers import make_backend as engine
 
-    return engine(kind, world, dlrt_model, sgd, {"zero_allow_untested_optimizer": True})  # torch SGD as the client
+    return engine(kind, world, lambda: dlrt_model(switch), sgd,
+                  {"zero_allow_untested_optimizer": True})  # torch SGD as the client
 
 
 def full_value(kind: str, param: torch.Tensor) -> torch.Tensor:
@@ -46,14 +53,15 @@ def full_value(kind: str, param: torch.Tensor) -> torch.Tensor:
     return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone().cpu()
 
 
-def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False) -> dict:
+def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False, switch: bool = False) -> dict:
     """`perturb`: rank 1 adds 1e-7·N(0, 1) to its replica of every factor after step PERTURBED_STEP's optimizer
-    step (DDP: the replicas then differ, as they may in the last bits on real hardware)."""
+    step (DDP: the replicas then differ, as they may in the last bits on real hardware). `switch`: start=switch
+    (dense until Cuttlefish's detector, forced at SWITCH_STEP)."""
     from dist_lowrank.controller import LowRankController
 
     torch.manual_seed(0)
-    backend = make_backend(kind, world)
-    controller = LowRankController(backend, dlrt_config())
+    backend = make_backend(kind, world, switch)
+    controller = LowRankController(backend, dlrt_config(switch))
     controller.start()
     trajectory, resizes, bytes_logged, capacities = [], [], [], [dict(controller.capacities)]
     for step in range(1, STEPS + 1):
@@ -81,9 +89,10 @@ def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False) -> dict
         weights[name] = u[:, :r] @ s[:r, :r] @ v[:, :r].T
     others = {n: full_value(kind, p) for n, p in modules.named_parameters() if n.rsplit(".", 1)[-1] not in "usvkl"}
     logged = [e for e in controller.events if e["event"] == "rank_update"]
+    switched = next(((e["step"], e["ranks"]) for e in controller.events if e["event"] == "switch"), None)
     return {"trajectory": trajectory, "resizes": resizes, "weights": weights, "others": others,
             "capacities": dict(controller.capacities), "integrator_bytes": bytes_logged, "logged": logged,
-            "capacity_trajectory": capacities,
+            "capacity_trajectory": capacities, "switch": switched,
             "dims": {n: (modules.get_submodule(n).out_features, modules.get_submodule(n).in_features)
                      for n in DLRT_LAYERS}}
 

@@ -4,13 +4,15 @@ torch.linalg.qr / svd, the documented truncation rule): the same rank trajectory
 non-DLRT parameter equals plain SGD's."""
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.dist_harness import run_ranks
-from tests.distributed.dlrt_workers import DLRT_LAYERS, LR, SETTINGS, STEPS, dlrt_model, dlrt_worker
-from tests.distributed.switch_common import global_batch
+from tests.distributed.dlrt_workers import DLRT_LAYERS, LR, SETTINGS, STEPS, SWITCH_STEP, dlrt_model, dlrt_worker
+from tests.distributed.switch_common import global_batch, make_model
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
@@ -25,17 +27,39 @@ def orth_new(basis: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return q[:, basis.shape[1]: basis.shape[1] + min(update.shape[1], basis.shape[0] - basis.shape[1])]
 
 
-def reference_run() -> tuple[list[dict], dict, dict]:
+def dense_warmup(steps: int, ranks: dict[str, int]):
+    """start=switch's dense phase in plain torch: SGD on the whole MLP for `steps` global batches, then each target's
+    truncated SVD at `ranks` (U, diag σ, V)."""
+    model = make_model().double()
+    for step in range(1, steps + 1):
+        model.zero_grad()
+        F.cross_entropy(model(global_batch(step)[0].double()), global_batch(step)[1]).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+    factors = {}
+    for name, r in ranks.items():
+        u, sigma, vh = torch.linalg.svd(model.get_submodule(name).weight.detach())
+        factors[name] = [u[:, :r], torch.diag(sigma[:r]), vh[:r].T]
+    return model, factors
+
+
+def reference_run(switch: Optional[tuple[int, dict]] = None) -> tuple[list[dict], dict, dict]:
     """Plain-torch DLRT with SGD: per step the dense gradient of each W = U S Vᵀ, K1 = US − λGV, L1 = VS − λGᵀU,
-    S1 = S − λUᵀGV, the augmented core, its SVD truncated at ‖σ[j:]‖ < θ‖σ‖, ranks in [min_rank, min(m,n)/2]."""
+    S1 = S − λUᵀGV, the augmented core, its SVD truncated at ‖σ[j:]‖ < θ‖σ‖, ranks in [min_rank, min(m,n)/2].
+    `switch` = (step, ranks): first the dense warm-up to that step, DLRT from its truncated SVD after it."""
     cfg = SETTINGS["dlrt"]
-    model = dlrt_model().double()
-    layers = {n: model.get_submodule(n) for n in DLRT_LAYERS}
-    factors = {n: [l.u.detach()[:, :l.rank].clone(), l.s.detach()[:l.rank, :l.rank].clone(),
-                   l.v.detach()[:, :l.rank].clone()] for n, l in layers.items()}
-    others = {n: p for n, p in model.named_parameters() if not is_factor(n)}
+    if switch is None:
+        model, first = dlrt_model().double(), 1
+        layers = {n: model.get_submodule(n) for n in DLRT_LAYERS}
+        factors = {n: [l.u.detach()[:, :l.rank].clone(), l.s.detach()[:l.rank, :l.rank].clone(),
+                       l.v.detach()[:, :l.rank].clone()] for n, l in layers.items()}
+    else:
+        (model, factors), first = dense_warmup(*switch), switch[0] + 1
+    others = {n: p for n, p in model.named_parameters()
+              if not is_factor(n) and n.rsplit(".", 1)[0] not in DLRT_LAYERS or n.endswith("bias")}
     trajectory = []
-    for step in range(1, STEPS + 1):
+    for step in range(first, STEPS + 1):
         ws = {n: (u @ s @ v.T).requires_grad_(True) for n, (u, s, v) in factors.items()}
         x, y = global_batch(step)
         h = x.double()
@@ -120,3 +144,30 @@ def test_a_perturbed_replica_takes_the_same_decisions(reference):
     assert steps[0] == 1 and [e["ranks"] for e in results[0]["logged"]] == \
         [trajectory[s - 1] for s in steps]  # rank_update events: one per change of the trajectory
     assert {s for s in range(2, len(trajectory) + 1) if trajectory[s - 1] != trajectory[s - 2]} <= set(steps)
+
+
+SWITCH_KINDS = ["fsdp2", "zero3"]
+
+
+@pytest.fixture(scope="module")
+def switched_runs():
+    return {kind: run_ranks(dlrt_worker, world=2, timeout=240, args=(kind, False, True)) for kind in SWITCH_KINDS}
+
+
+@pytest.mark.parametrize("kind", SWITCH_KINDS)
+def test_start_switch_trains_dense_then_follows_the_plain_torch_dlrt(kind, switched_runs):
+    """start=switch: dense SGD until Cuttlefish's forced switch step, then DLRT layers from each trained weight's
+    truncated SVD at the switch's ranks, then rank adaptation — equal to the same in plain torch (dense_warmup and
+    the reference integrator); every non-factor parameter too."""
+    results = switched_runs[kind]
+    step, ranks = results[0]["switch"]
+    assert step == SWITCH_STEP and results[1]["switch"] == results[0]["switch"]
+    trajectory, weights, others = reference_run((step, ranks))
+    assert len({tuple(sorted(r.items())) for r in trajectory}) > 1, "the ranks must adapt after the switch"
+    for r in results:
+        assert r["trajectory"][step:] == trajectory, kind
+        assert all(t == {} for t in r["trajectory"][:step - 1])  # dense until the switch
+        for name, w in weights.items():
+            assert torch.allclose(r["weights"][name].double(), w, atol=2e-5), (kind, name)
+        for name, p in others.items():
+            assert torch.allclose(r["others"][name].double(), p, atol=2e-5), (kind, name)

@@ -16,7 +16,10 @@ CONFIG = ROOT / "configs" / "dlrt_mlp_fmnist.yaml"
 JOB = ["run.steps=12", "run.checkpoint_every=6", "run.batch_size=8", "run.limit_train=512", "run.eval_samples=200",
        "run.eval_every=0", "run.lr=0.01", "lowrank.dlrt.init_rank=8", "lowrank.dlrt.theta=0.45",
        "lowrank.dlrt.capacity_multiple=1", "lowrank.dlrt.shrink_patience=2", "lowrank.dlrt.shrink_below=0.7"]
-ENGINES = {"fsdp2": ["run.backend=fsdp2"], "zero3": ["run.backend=deepspeed", "run.zero_stage=3"]}
+SWITCH = ["lowrank.dlrt.start=switch", "lowrank.monitor.cadence_steps=1", "lowrank.cuttlefish.min_switch_step=0",
+          "lowrank.cuttlefish.max_switch_step=2", "lowrank.switch.profile_layers=false"]
+ENGINES = {"fsdp2": ["run.backend=fsdp2"], "zero3": ["run.backend=deepspeed", "run.zero_stage=3"],
+           "zero2-switch": ["run.backend=deepspeed", "run.zero_stage=2", *SWITCH]}  # dense until step 2
 
 
 def changes(out, after: int = 0) -> list[tuple]:
@@ -29,6 +32,10 @@ def changes(out, after: int = 0) -> list[tuple]:
 def test_resume_mid_run_continues_the_rank_adaptive_run_bitwise(engine, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     cli(full, JOB + ENGINES[engine] + EXPORT, config=CONFIG)
+    if engine.endswith("switch"):  # the checkpoint holds DLRT layers a fresh (dense) model must be given
+        switch = next(e for e in map(json.loads, (full / "events.jsonl").read_text().splitlines())
+                      if e["event"] == "switch")
+        assert switch["step"] == 2 and all(c[0] > 2 for c in changes(full))
     before = [c for c in changes(full) if c[1] == "resize" and c[0] <= 6]
     after = [c for c in changes(full, 6) if c[1] == "resize"]
     assert before and after, f"the job must resize on both sides of the checkpoint: {changes(full)}"

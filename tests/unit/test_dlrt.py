@@ -253,3 +253,23 @@ def test_conv_layer_runs_as_two_convolutions_with_the_integrators_gradients():
     assert torch.allclose(layer.cross_block(un, vn), un.T @ g @ vn, atol=1e-9)
     grown = layer.resized(4, 6)
     assert type(grown) is DLRTConv2d and grown.stride == (2, 1) and grown.dilation == (1, 2)
+
+
+def test_switch_factor_parts_are_the_svd_of_the_dense_weight():
+    """The Factor parts a start=switch writes (from the pipeline's (A, B) = (U√Σ, √ΣVᵀ)) equal plain torch's SVD up
+    to the sign of each component: U, V orthonormal, Σ the singular values, K = UΣ, L = VΣ; padded to a capacity."""
+    from dist_lowrank.linalg import truncated_svd_factors
+    from dist_lowrank.reshape.change import Factor, value_of
+
+    w = torch.randn(9, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u, sigma, vh = torch.linalg.svd(w)
+    factors = truncated_svd_factors(w, 3)
+    part = {side: value_of(Factor(side), {}, factors, shape) for side, shape in
+            {"u": (9, 5), "v": (7, 5), "sigma": (5, 5), "us": (9, 5), "vs": (7, 5)}.items()}
+    signs = torch.sign((part["u"][:, :3] * u[:, :3]).sum(0))
+    assert torch.allclose(part["u"][:, :3], u[:, :3] * signs, atol=1e-12)
+    assert torch.allclose(part["v"][:, :3], vh[:3].T * signs, atol=1e-12)
+    assert torch.allclose(torch.diag(part["sigma"])[:3], sigma[:3], atol=1e-12)
+    assert torch.allclose(part["us"][:, :3], u[:, :3] * signs * sigma[:3], atol=1e-12)
+    assert torch.allclose(part["vs"][:, :3], vh[:3].T * signs * sigma[:3], atol=1e-12)
+    assert all(p[:, 3:].abs().max() == 0 for p in part.values())  # columns past the rank: zeros

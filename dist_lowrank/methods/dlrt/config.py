@@ -26,7 +26,8 @@ class DLRTConfig:
                                     check=ge(1), default=None)
     start: Literal["scratch", "switch"] = _help(
         "scratch: U S V from the SVD of the layer's initial weight at init_rank (Haar-random bases, the dense "
-        "spectrum); switch: train dense first, then U S V from the trained weight's SVD",
+        "spectrum); switch: train dense first (Cuttlefish's detector, the lowrank.cuttlefish section, picks the "
+        "step and the first ranks), then U S V from the trained weight's truncated SVD",
         default="scratch")
     adaptive_steps: Optional[int] = _help("optimizer steps of rank adaptation; after them U and V are fixed and "
                                           "only S trains (the paper's fine-tuning phase); null: adapt to the end",

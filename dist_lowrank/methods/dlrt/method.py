@@ -5,7 +5,10 @@ capacity changes through the shape-change pipeline (`decide` → `shape_change`:
 Per layer and step, in name order on every rank: the five factors gathered as full fp32 tensors (engine.gather),
 the new directions and the augmented core computed on every rank, the core's SVD and the truncation rank taken
 from rank 0 (one broadcast, so the decision is identical even where replicas differ in the last bits), then the
-new U, S, V, K, L and their rotated (or reset) moments written back (engine.write). The integrator's own traffic
+new U, S, V, K, L and their rotated (or reset) moments written back (engine.write). With start=switch the model
+first trains dense: Cuttlefish's detector (stable ranks every cadence, the `lowrank.cuttlefish` section) picks the
+step and a rank per layer, the switch (`reshape.switch_change`) writes each weight's truncated SVD into DLRT layers,
+and the integrator adapts the ranks from the next step on. The integrator's own traffic
 (gathers, the broadcast, KLS's all-reduce) is counted in bytes; a `rank_update` event (ranks, wanted ranks,
 capacities, bytes) is emitted whenever they change, so the report and TensorBoard draw each layer's trajectory.
 """
@@ -21,9 +24,11 @@ from dist_lowrank.errors import ConfigError
 from dist_lowrank.methods.base import Method, Probe
 from dist_lowrank.methods.dlrt import integrator
 from dist_lowrank.methods.dlrt.layer import DLRTLinear
-from dist_lowrank.methods.dlrt.model import dlrt_layers, max_rank_of, to_dlrt
-from dist_lowrank.methods.dlrt.reshape import capacity_change
-from dist_lowrank.methods.dlrt.rule import CapacityRule
+from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy
+from dist_lowrank.methods.dlrt.model import check_supported, dlrt_layers, empty_dlrt_like, max_rank_of, to_dlrt
+from dist_lowrank.methods.dlrt.reshape import capacity_change, switch_change
+from dist_lowrank.methods.dlrt.rule import CapacityRule, capacity_for
+from dist_lowrank.methods.switching import cadence_steps
 from dist_lowrank.plan import Plan
 from dist_lowrank.reshape.change import ParamChange, Rotate, ShapeChange, state_of
 
@@ -48,11 +53,12 @@ class DLRTMethod(Method):
     name = "dlrt"
 
     def __init__(self, cfg, targets: dict[str, nn.Module], dims: dict[str, tuple[int, int]],
-                 finished: bool = False) -> None:
+                 finished: bool = False, warmup: Optional[CuttlefishStrategy] = None, cadence: int = 1) -> None:
         super().__init__(cfg, targets, dims)
         self.finished = finished
-        self.ranks = {n: m.rank for n, m in targets.items()}
-        self.capacities = {n: m.capacity for n, m in targets.items()}
+        self.warmup, self.cadence = warmup, cadence  # start=switch: the dense phase's detector, until the switch
+        self.ranks = {} if warmup else {n: m.rank for n, m in targets.items()}
+        self.capacities = {} if warmup else {n: m.capacity for n, m in targets.items()}
         self.wanted: dict[str, int] = dict(self.ranks)   # the rank the tolerance asked for at the last step
         self.rule = CapacityRule(cfg.dlrt, dims, {n: max_rank_of(cfg, *d) for n, d in dims.items()})
         self.last_step = 0
@@ -67,6 +73,12 @@ class DLRTMethod(Method):
         if finished:
             return cls(cfg, {}, {}, finished=True)
         layers = dlrt_layers(engine.unwrapped_model())
+        if not layers and cfg.dlrt.start == "switch":  # dense warm-up first
+            targets, dims = cls.select(cfg, engine.unwrapped_model(), engine)
+            for name, module in targets.items():
+                check_supported(name, module)
+            return cls(cfg, targets, dims, warmup=CuttlefishStrategy(cfg.cuttlefish, dims, cfg.min_rank),
+                       cadence=cadence_steps(cfg, steps_per_epoch))
         if not layers:
             raise ConfigError("lowrank.strategy: 'dlrt' needs a model converted with dist_lowrank.prepare_model "
                               "(or methods.dlrt.model.to_dlrt) before the engine is built")
@@ -76,13 +88,18 @@ class DLRTMethod(Method):
 
     @classmethod
     def prepare_model(cls, model: nn.Module, cfg) -> nn.Module:
-        return to_dlrt(model, cfg)
+        return model if cfg.dlrt.start == "switch" else to_dlrt(model, cfg)
+
+    @classmethod
+    def layer_for_layout(cls, module: nn.Module, entry: dict) -> Optional[nn.Module]:
+        if entry.get("type") != DLRTLinear.LAYOUT_TYPE:
+            return None
+        reference = next(module.parameters())
+        return empty_dlrt_like(module, int(entry["rank"]), int(entry["capacity"]), device=reference.device,
+                               dtype=reference.dtype)
 
     @classmethod
     def check_run(cls, cfg, sharded_parameters: bool) -> None:
-        if cfg.dlrt.start == "switch":
-            raise ConfigError("lowrank.dlrt.start: 'switch' (dense warm-up, then DLRT) is not available yet; "
-                              "use 'scratch'")
         if cfg.dlrt.min_rank > cfg.dlrt.init_rank:
             raise ConfigError(f"lowrank.dlrt.min_rank: {cfg.dlrt.min_rank} > init_rank {cfg.dlrt.init_rank}")
         if cfg.dlrt.max_rank is not None and cfg.dlrt.max_rank < cfg.dlrt.min_rank:
@@ -102,7 +119,14 @@ class DLRTMethod(Method):
                 layer.records = None
 
     # -- every step ------------------------------------------------------------------------------------
+    def start(self, probe: Probe) -> None:
+        if self.warmup is not None:  # Cuttlefish's init measurement
+            self.warmup.observe(0, probe.stable_ranks(0, list(self.targets)))
+
     def update(self, step: int, probe: Probe) -> None:
+        self._engine = probe.engine
+        if self.warmup is not None:
+            return  # still dense: the optimizer's step is the whole step
         start = time.perf_counter()
         self.last_step, self.integrator_bytes, self._engine = step, 0, probe.engine
         self._world = probe.coordinator.world_size
@@ -193,28 +217,71 @@ class DLRTMethod(Method):
         return float(groups[0]["lr"])
 
     def due(self, step: int) -> bool:
-        return True
+        return step % self.cadence == 0 if self.warmup is not None else True
 
-    def measure(self, step: int, probe: Probe) -> dict[str, int]:
+    def measure(self, step: int, probe: Probe) -> dict[str, Any]:
+        if self.warmup is not None:
+            return probe.stable_ranks(step, list(self.targets))
         return dict(self.wanted)
 
-    def decide(self, step: int, measurement: dict[str, int]) -> Optional[Plan]:
+    def decide(self, step: int, measurement: dict[str, Any]) -> Optional[Plan]:
+        if self.warmup is not None:
+            return self._switch_plan(step, measurement)
         return self.rule.decide(step, measurement, dict(self.ranks), dict(self.capacities))
 
+    def _switch_plan(self, step: int, sranks: dict[str, float]) -> Optional[Plan]:
+        """Cuttlefish's switch decision, every target included: its rank rule on the last stable rank (where it
+        would keep a layer dense, the rule's rank all the same: DLRT adapts it), clamped to [min_rank, max_rank]."""
+        plan = self.warmup.observe(step, sranks)
+        if plan is None:
+            return None
+        cfg, ranks, capacities = self.cfg.dlrt, {}, {}
+        for name, (m, n) in sorted(self.dims.items()):
+            history = self.warmup.history[name]
+            rank = plan.ranks.get(name) or (self.warmup.choose_rank(name, history[-1]) if history else cfg.init_rank)
+            top = max_rank_of(self.cfg, m, n)
+            ranks[name] = max(min(rank, top), min(cfg.min_rank, top))
+            capacities[name] = capacity_for(ranks[name], m, n, cfg.growth_factor, cfg.capacity_multiple, top)
+        return Plan("switch", step, ranks, capacities=capacities, reasons=dict(plan.reasons))
+
     def shape_change(self, plan: Plan, model: nn.Module) -> Optional[ShapeChange]:
+        if plan.kind == "switch":
+            return switch_change(model, dict(plan.ranks), {n: plan.capacities[n] for n in plan.ranks}, plan.step)
         return capacity_change(dlrt_layers(model), dict(plan.ranks), dict(plan.capacities), plan.step)
 
     def committed(self, plan: Plan, measurements: dict[str, Any]) -> dict[str, Any]:
+        if plan.kind == "switch":
+            return self._switched(plan, measurements)
         self.capacities.update(plan.capacities)
         self.rule.resized(plan.capacities)
         self.set_modes(dlrt_layers(self._engine.unwrapped_model()).values())  # the reshard made new modules
         return {"ranks": dict(plan.ranks), "capacities": dict(plan.capacities), "measurements": measurements}
 
+    def _switched(self, plan: Plan, measurements: dict[str, Any]) -> dict[str, Any]:
+        """The dense phase is over: the switched layers are the targets from now on (a layer the switch's speed
+        filter kept dense stays dense and untracked)."""
+        layers = dlrt_layers(self._engine.unwrapped_model())
+        dims = {n: list(self.dims[n]) for n in plan.ranks}
+        self.targets = {n: layers[n] for n in plan.ranks}
+        self.dims = {n: self.dims[n] for n in plan.ranks}
+        self.ranks, self.capacities = dict(plan.ranks), {n: plan.capacities[n] for n in plan.ranks}
+        self.wanted = dict(self.ranks)
+        self.rule = CapacityRule(self.cfg.dlrt, self.dims, {n: max_rank_of(self.cfg, *d) for n, d in self.dims.items()})
+        self.warmup = None
+        self.set_modes(self.targets.values())
+        return {"ranks": dict(plan.ranks), "capacities": dict(self.capacities), "reasons": dict(plan.reasons),
+                "dims": dims, "measurements": measurements}
+
     # -- checkpoints -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        if self.warmup is not None:
+            return {"warmup": self.warmup.state_dict()}
         return {"wanted": dict(self.wanted), "last_step": self.last_step, **self.rule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.warmup is not None:
+            self.warmup.load_state_dict(state["warmup"])
+            return
         self.wanted.update(state.get("wanted", {}))
         self.rule.load_state_dict(state)
         self.last_step = int(state.get("last_step", 0))

@@ -34,15 +34,35 @@ def dlrt_from_dense(module: nn.Module, cfg: LowRankConfig) -> DLRTLinear:
     return layer.to(dtype=module.weight.dtype)
 
 
+def empty_dlrt_like(dense: nn.Module, rank: int, capacity: int, **kw) -> DLRTLinear:
+    """An empty DLRT layer with the dense layer's geometry (Linear / HF Conv1D / Conv2d), no values read: what a
+    switch builds (under the meta device) and a checkpoint of a switched run restores into."""
+    m, n = matrix_dims(dense)
+    bias = getattr(dense, "bias", None) is not None
+    if isinstance(dense, nn.Conv2d):
+        return DLRTConv2d(dense.in_channels, dense.out_channels, dense.kernel_size, rank, capacity, dense.stride,
+                          dense.padding, dense.dilation, bias, **kw)
+    return DLRTLinear(n, m, rank, capacity, bias, **kw)
+
+
+def supported(module: nn.Module) -> bool:
+    """Linear, HF Conv1D, or a Conv2d with groups 1 and numeric zero padding."""
+    if isinstance(module, nn.Conv2d):  # isinstance: FSDP2 wraps a module into a subclass (FSDPLinear)
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def check_supported(name: str, module: nn.Module) -> None:
+    if not supported(module):
+        raise ConfigError(f"lowrank.target_modules: {name} is a {type(module).__name__}"
+                          f"{' (grouped, padded by mode or by name)' if isinstance(module, nn.Conv2d) else ''}; "
+                          "DLRT supports nn.Linear, transformers' Conv1D and nn.Conv2d (groups=1, zero padding)")
+
+
 def to_dlrt(model: nn.Module, cfg: LowRankConfig) -> nn.Module:
     """Replace every targeted nn.Linear / HF Conv1D / Conv2d by its DLRT layer (start=scratch); returns the model."""
     for name, module in select_targets(model, cfg.target_modules, cfg.exclude_modules).items():
-        conv_ok = type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" \
-            and not isinstance(module.padding, str)
-        if not (type(module) is nn.Linear or is_hf_conv1d(module) or conv_ok):
-            raise ConfigError(f"lowrank.target_modules: {name} is a {type(module).__name__}"
-                              f"{' (grouped, padded by mode or by name)' if type(module) is nn.Conv2d else ''}; "
-                              "DLRT supports nn.Linear, transformers' Conv1D and nn.Conv2d (groups=1, zero padding)")
+        check_supported(name, module)
         replace_module(model, name, dlrt_from_dense(module, cfg))
     return model
 

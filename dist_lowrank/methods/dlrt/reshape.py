@@ -1,14 +1,18 @@
-"""DLRT's change of shape in the shared vocabulary: a capacity that grows (Embed, zeros) or shrinks (Slice).
+"""DLRT's changes of shape in the shared vocabulary: a capacity that grows (Embed, zeros) or shrinks (Slice), and
+the switch of a dense warm-up (start=switch) into DLRT layers.
 
-Every column past the active rank is zero in K, L, S, U, V and in their moments, so both keep the function and
-the state of the active block exactly; the bias is kept. Parameters keep their names, groups and steps."""
+Every column past the active rank is zero in K, L, S, U, V and in their moments, so a resize keeps the function
+and the state of the active block exactly; the bias is kept. Parameters keep their names, groups and steps. The
+switch writes U, V, S = diag σ, K = UΣ, L = VΣ of each dense weight's truncated SVD (Factor parts, computed once by
+an owner rank) with fresh moments in a companion group, like Cuttlefish's factors (the bias value is kept)."""
 from __future__ import annotations
 
 from torch import nn
 
 from dist_lowrank.methods.dlrt.layer import DLRTLinear
-from dist_lowrank.reshape.builders import like
-from dist_lowrank.reshape.change import Embed, Keep, LayerChange, ParamChange, ShapeChange, Slice
+from dist_lowrank.methods.dlrt.model import empty_dlrt_like
+from dist_lowrank.reshape.builders import dense_matrix, like
+from dist_lowrank.reshape.change import Copy, Embed, Factor, Keep, LayerChange, ParamChange, ShapeChange, Slice
 
 FACTORS = {"u": "rows", "v": "rows", "k": "rows", "l": "rows", "s": "square"}
 
@@ -34,3 +38,20 @@ def capacity_change(modules, ranks: dict[str, int], capacities: dict[str, int], 
     modules = dict(modules.named_modules()) if isinstance(modules, nn.Module) else modules
     layers = [capacity_layer(n, modules[n], ranks[n], c) for n, c in capacities.items()]
     return ShapeChange("resize", step, layers)
+
+
+SVD_PARTS = {"u": "u", "v": "v", "s": "sigma", "k": "us", "l": "vs"}
+
+
+def switch_layer(name: str, dense: nn.Module, rank: int, capacity: int) -> LayerChange:
+    """A dense Linear / HF Conv1D / Conv2d → a DLRT layer at `rank` within `capacity`, from its truncated SVD."""
+    params = {leaf: ParamChange(Factor(part), "fresh", "companion") for leaf, part in SVD_PARTS.items()}
+    if getattr(dense, "bias", None) is not None:
+        params["bias"] = ParamChange(Copy("bias"), "fresh", "companion")
+    return LayerChange(name, lambda module: empty_dlrt_like(module, rank, capacity, **like(module)), params,
+                       rank=rank, matrix=dense_matrix)
+
+
+def switch_change(modules, ranks: dict[str, int], capacities: dict[str, int], step: int) -> ShapeChange:
+    modules = dict(modules.named_modules()) if isinstance(modules, nn.Module) else modules
+    return ShapeChange("switch", step, [switch_layer(n, modules[n], r, capacities[n]) for n, r in ranks.items()])

@@ -62,6 +62,22 @@ class Coordinator:
         dist.all_reduce(buf, group=self.group)
         return (buf / self.world_size).to(tensor.device)
 
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor summed over the ranks, in one all-reduce of their concatenation (small products of row
+        shards, many layers at once); dtypes are promoted to one for the trip and restored."""
+        if not is_distributed() or not tensors:
+            return list(tensors)
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        buf = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors]).to(comm_device())
+        dist.all_reduce(buf, group=self.group)
+        out, start = [], 0
+        for t in tensors:
+            out.append(buf[start: start + t.numel()].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+            start += t.numel()
+        return out
+
     def agree(self, plan: Optional[Plan]) -> Optional[Plan]:
         """Return the plan if every rank holds the same one (or none); else PlanMismatchError everywhere."""
         digest = plan.digest() if plan is not None else NO_PLAN

@@ -66,6 +66,22 @@ class Backend(ABC):
         between optimizer steps (DLRT's integrator). Every rank calls it with the same full tensors."""
         raise NotImplementedError(f"{self.name}: this backend cannot write parameters in place")
 
+    def row_shard(self, param: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
+        """(this rank's rows of `param` as a (rows × rest) tensor, its first global row) where the engine splits
+        every parameter into disjoint row blocks over the ranks (FSDP2 `Shard(0)`): a method may then compute
+        with local rows and all-reduce small products instead of gathering. None elsewhere (replicas, ZeRO-3's
+        flat partitions)."""
+        return None
+
+    def local_state(self, param: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+        """This rank's rows of the parameter's optimizer moments (with `row_shard`); None without state."""
+        return None
+
+    def write_rows(self, param: torch.Tensor, rows: torch.Tensor,
+                   state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Overwrite this rank's rows (as `row_shard` returned them) and, if given, its rows of the moments."""
+        raise NotImplementedError(f"{self.name}: parameters are not split into row blocks here")
+
     @abstractmethod
     def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:

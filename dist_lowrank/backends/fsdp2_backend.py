@@ -114,6 +114,33 @@ class FSDP2Backend(Backend):
                 if held and key in held:
                     _local(held[key]).copy_(_local(_shard_like(full.reshape(param.shape), held[key])))
 
+    def row_shard(self, param: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
+        if not isinstance(param, DTensor):
+            return None
+        local = param.to_local()
+        try:
+            first = _row_offset("a row-sharded parameter", param, local)
+        except DistLowRankError:  # another dim sharded, HSDP, TP: not row blocks; the caller gathers instead
+            return None
+        return local.reshape(local.shape[0], -1), first
+
+    def local_state(self, param: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+        state = self.optimizer.state.get(param)
+        if not state:
+            return None
+        return {k: _local(v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+
+    def write_rows(self, param: torch.Tensor, rows: torch.Tensor,
+                   state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """No communication: every tensor here is this rank's block already."""
+        with torch.no_grad():
+            local = _local(param)
+            local.copy_(rows.reshape(local.shape))
+            held = self.optimizer.state.get(param)
+            for key, value in (state or {}).items():
+                if held and key in held:
+                    _local(held[key]).copy_(value.reshape(local.shape))
+
     def rebuild(self, change: Any, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """A new sharded model from the meta skeleton with the change's builders replayed (every change so far),

@@ -92,8 +92,10 @@ def reference_run(switch: Optional[tuple[int, dict]] = None) -> tuple[list[dict]
 
 def expected_integrator_bytes(kind: str, result: dict) -> list[int]:
     """Per step, from the model's shapes: every layer's SVD + decision broadcast (the (r+p)² + (r+q)² + min + 1
-    fp32 of the augmented core, p = min(r, m − r), q = min(r, n − r)); where parameters are sharded the five
-    factors' gathers ((2m + 2n + c)·c fp32 at capacity c). Plain SGD keeps no moments to move."""
+    fp32 of the augmented core, p = min(r, m − r), q = min(r, n − r)); on ZeRO-3 the five factors' gathers
+    ((2m + 2n + c)·c fp32 at capacity c); on FSDP2's row shards no factor is gathered, only S (c² fp32) and the
+    sums of the row-block products: per basis two projections (r² fp32), two Gram matrices (r² and p² fp64),
+    the last projection (r·p fp32), and the core's two blocks (r·q + p·r fp32). Plain SGD keeps no moments."""
     out = []
     for step in range(1, STEPS + 1):
         total = 0
@@ -102,8 +104,12 @@ def expected_integrator_bytes(kind: str, result: dict) -> list[int]:
             c = result["capacity_trajectory"][step - 1][name]
             a, b = r + min(r, m - r), r + min(r, n - r)
             total += 4 * (a * a + min(a, b) + b * b + 1)
-            if kind in ("fsdp2", "zero3"):
+            if kind == "zero3":
                 total += 4 * (2 * m + 2 * n + c) * c
+            if kind == "fsdp2":
+                p, q = a - r, b - r
+                bases = sum(4 * 2 * r * r + 8 * (r * r + w * w) + 4 * r * w for w in (p, q))
+                total += 4 * c * c + bases + 4 * (r * q + p * r)
         out.append(total)
     return out
 

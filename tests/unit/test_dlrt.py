@@ -273,3 +273,51 @@ def test_switch_factor_parts_are_the_svd_of_the_dense_weight():
     assert torch.allclose(part["us"][:, :3], u[:, :3] * signs * sigma[:3], atol=1e-12)
     assert torch.allclose(part["vs"][:, :3], vh[:3].T * signs * sigma[:3], atol=1e-12)
     assert all(p[:, 3:].abs().max() == 0 for p in part.values())  # columns past the rank: zeros
+
+
+def _on_row_shards(fn, blocks_per_rank: list[list[torch.Tensor]], *args):
+    """Run `fn(blocks, *args, reduce)` as two ranks in lockstep (threads) whose `reduce` sums over both: the row-
+    sharded integrator without a process group."""
+    import threading
+
+    barrier, shared, results = threading.Barrier(2), {}, {}
+
+    def reduce(tensors):
+        shared[threading.get_ident()] = tensors
+        barrier.wait()
+        total = [sum(parts) for parts in zip(*shared.values())]
+        barrier.wait()
+        return total
+
+    def run(rank):
+        results[rank] = fn(*[blocks[rank] for blocks in blocks_per_rank], *args, reduce)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_row_sharded_new_directions_span_what_the_gathered_qr_spans():
+    """methods.dlrt.rows on two row blocks (one all-reduce per phase) gives orthonormal columns, orthogonal to U, with
+    the projector of the gathered path's QR (plain torch); a rank-deficient residual (K1 = U·A + one direction)
+    gives one column and zeros after it."""
+    from dist_lowrank.methods.dlrt import rows
+
+    gen = torch.Generator().manual_seed(8)
+    u = orthonormal(20, 4, 9).float()
+    for k1 in (torch.randn(20, 4, generator=gen), u @ torch.randn(4, 4, generator=gen)
+               + torch.randn(20, 1, generator=gen) @ torch.randn(1, 4, generator=gen)):
+        out = _on_row_shards(rows.new_directions, [[[u[:11]], [u[11:]]], [[k1[:11]], [k1[11:]]]], [4])
+        q = torch.cat([out[0][0], out[1][0]])
+        reference, _ = torch.linalg.qr(torch.cat([u, k1], 1).double())
+        expected = reference[:, 4:].float()
+        keep = int((q.norm(dim=0) > 0.5).sum())
+        assert keep == torch.linalg.matrix_rank(k1 - u @ (u.T @ k1), rtol=1e-4)
+        assert torch.allclose(q[:, :keep].T @ q[:, :keep], torch.eye(keep), atol=1e-6)
+        assert q[:, keep:].abs().max() == 0 if keep < 4 else True
+        assert (u.T @ q).abs().max() < 1e-6
+        if keep == 4:
+            assert torch.allclose(q @ q.T, expected @ expected.T, atol=1e-5)

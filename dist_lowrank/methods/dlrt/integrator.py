@@ -35,11 +35,13 @@ def new_directions(basis: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 
 
 def augmented_core(k1: torch.Tensor, l1: torch.Tensor, s1: torch.Tensor, u_new: torch.Tensor, v_new: torch.Tensor,
-                   cross: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[[S1, L1ᵀṼ], [ŨᵀK1, cross or 0]]: the (r+p)×(r+q) core of the step on the bases [U Ũ], [V Ṽ]."""
-    top = torch.cat([s1, l1.T @ v_new], dim=1)
+                   cross: Optional[torch.Tensor] = None, top_right: Optional[torch.Tensor] = None,
+                   bottom_left: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[[S1, L1ᵀṼ], [ŨᵀK1, cross or 0]]: the (r+p)×(r+q) core of the step on the bases [U Ũ], [V Ṽ]
+    (`top_right`, `bottom_left`: those blocks already summed over row shards)."""
+    top = torch.cat([s1, l1.T @ v_new if top_right is None else top_right], dim=1)
     low_right = cross if cross is not None else s1.new_zeros(u_new.shape[1], v_new.shape[1])
-    bottom = torch.cat([u_new.T @ k1, low_right], dim=1)
+    bottom = torch.cat([u_new.T @ k1 if bottom_left is None else bottom_left, low_right], dim=1)
     return torch.cat([top, bottom], dim=0)
 
 

@@ -15,6 +15,7 @@ capacities, bytes) is emitted whenever they change, so the report and TensorBoar
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.methods.base import Method, Probe
-from dist_lowrank.methods.dlrt import integrator
+from dist_lowrank.methods.dlrt import integrator, rows
 from dist_lowrank.methods.dlrt.layer import DLRTLinear
 from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy
 from dist_lowrank.methods.dlrt.model import check_supported, dlrt_layers, empty_dlrt_like, max_rank_of, to_dlrt
@@ -47,6 +48,26 @@ def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _placed(rows: torch.Tensor, first: int, total: int) -> torch.Tensor:
+    """This rank's rows at their place in a zero (total × cols) matrix: summed over the ranks, the whole matrix."""
+    out = rows.new_zeros(total, rows.shape[1])
+    out[first: first + rows.shape[0]] = rows
+    return out
+
+
+@dataclass
+class _Pending:
+    """One layer between its augmented core and the agreed truncation: the bases as this rank holds them (all
+    rows, or its row block)."""
+
+    name: str
+    layer: DLRTLinear
+    core: torch.Tensor
+    u_aug: torch.Tensor
+    v_aug: torch.Tensor
+    by_rows: bool
 
 
 class DLRTMethod(Method):
@@ -128,12 +149,16 @@ class DLRTMethod(Method):
         if self.warmup is not None:
             return  # still dense: the optimizer's step is the whole step
         start = time.perf_counter()
-        self.last_step, self.integrator_bytes, self._engine = step, 0, probe.engine
+        self.last_step, self.integrator_bytes = step, 0
         self._world = probe.coordinator.world_size
         layers = dlrt_layers(probe.engine.unwrapped_model())
         adapting = self.cfg.dlrt.adaptive_steps is None or step < self.cfg.dlrt.adaptive_steps
-        for name in sorted(self.targets):
-            self._integrate(name, layers[name], probe, step)
+        names = sorted(self.targets)
+        by_rows = bool(names) and all(probe.engine.row_shard(layers[n].u) is not None for n in names)
+        pending = (self._prepare_rows(names, layers, probe) if by_rows
+                   else [self._prepare_full(n, layers[n], probe) for n in names])
+        for item, svd in zip(pending, self._agree(pending, probe.coordinator)):
+            self._finish(item, svd, probe.engine)
         if not adapting:  # the paper's fine-tuning phase: bases fixed, only S trains
             self.finished = True
             self.set_modes(layers.values())
@@ -143,53 +168,115 @@ class DLRTMethod(Method):
             self._last_logged = state
             probe.emit({"event": "rank_update", "step": step, "ranks": state[0], "wanted": state[1],
                         "capacities": state[2], "integrator_bytes": self.integrator_bytes,
-                        "integrator_bytes_total": self.integrator_bytes_total, "seconds": time.perf_counter() - start})
+                        "integrator_bytes_total": self.integrator_bytes_total, "by_rows": by_rows,
+                        "seconds": time.perf_counter() - start})
 
-    def _integrate(self, name: str, layer: DLRTLinear, probe: Probe, step: int) -> None:
-        cfg, engine, coordinator = self.cfg.dlrt, probe.engine, probe.coordinator
-        r, c = layer.rank, layer.capacity
-        m, n = self.dims[name]
+    def _prepare_full(self, name: str, layer: DLRTLinear, probe: Probe) -> _Pending:
+        """One layer's augmented core from its full factors (gathered where sharded; replicas use their own)."""
+        engine, coordinator = probe.engine, probe.coordinator
+        r = layer.rank
         full = {leaf: _at_least_fp32(engine.gather(getattr(layer, leaf))) for leaf in LEAVES}  # QR, SVD in fp32+
-        element = layer.s.element_size()
-        self._count(engine.shards_parameters, sum(t.numel() for t in full.values()) * element)
+        self._count(engine.shards_parameters, sum(t.numel() for t in full.values()) * layer.s.element_size())
         u, v = full["u"][:, :r], full["v"][:, :r]
         k1, l1, s1 = full["k"][:, :r], full["l"][:, :r], full["s"][:r, :r]
         u_new, v_new = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
         cross = None
-        if cfg.integrator == "kls":
+        if self.cfg.dlrt.integrator == "kls":
             local = layer.cross_block(u_new, v_new)
             cross = -self._lr_of(engine, layer.s) * coordinator.mean_tensor(local)
             self._count(True, _nbytes(local))
         core = integrator.augmented_core(k1, l1, s1, u_new, v_new, cross)
-        p, sigma, qh = torch.linalg.svd(core)
-        top = max_rank_of(self.cfg, m, n)
-        wanted = integrator.truncation_rank(sigma, cfg.theta, cfg.absolute, cfg.min_rank, top)
-        packed = torch.cat([p.reshape(-1), sigma, qh.reshape(-1), sigma.new_tensor([float(wanted)])])
-        packed = coordinator.broadcast_tensor(packed)  # rank 0's SVD and decision on every rank
-        self._count(True, _nbytes(packed))
-        a, b = core.shape
-        p, sigma = packed[: a * a].reshape(a, a), packed[a * a: a * a + min(a, b)]
-        qh = packed[a * a + min(a, b): -1].reshape(b, b)
-        wanted = int(packed[-1])
-        rank = min(wanted, c)
-        result = integrator.truncate(core, torch.cat([u, u_new], 1), torch.cat([v, v_new], 1), r, rank,
-                                     svd=(p, sigma, qh), wanted=wanted)
-        self._write(layer, engine, result, c, m, n)
-        layer.set_rank(rank)
-        self.ranks[name], self.wanted[name] = rank, wanted
-        self.rule.observe(name, rank, c)
+        return _Pending(name, layer, core, torch.cat([u, u_new], 1), torch.cat([v, v_new], 1), by_rows=False)
 
-    def _write(self, layer: DLRTLinear, engine: Any, result: "integrator.Truncated", c: int, m: int, n: int) -> None:
-        """New U, V, S, K = U S, L = V S at capacity c; moments of K, L, S rotated into the new coordinates."""
-        values = {"u": _pad(result.u, m, c), "v": _pad(result.v, n, c), "s": _pad(result.s, c, c),
-                  "k": _pad(result.u @ result.s, m, c), "l": _pad(result.v @ result.s, n, c)}
+    def _prepare_rows(self, names: list[str], layers: dict[str, DLRTLinear], probe: Probe) -> list[_Pending]:
+        """Every layer's augmented core from this rank's rows (FSDP2): U, V, K, L stay sharded; the sums the step
+        needs are batched over all layers into a few all-reduces (methods.dlrt.rows); only S (c×c) is gathered."""
+        engine, coordinator = probe.engine, probe.coordinator
+
+        def reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            self._count(True, sum(_nbytes(t) for t in tensors))
+            return coordinator.sum_tensors(tensors)
+
+        held = {n: {leaf: engine.row_shard(getattr(layers[n], leaf)) for leaf in ("u", "k", "v", "l")}
+                for n in names}
+        rank_of = {n: layers[n].rank for n in names}
+        block = {n: {leaf: _at_least_fp32(rows[:, :rank_of[n]]) for leaf, (rows, _) in held[n].items()}
+                 for n in names}
+        cores_s = {}
+        for n in names:
+            s_full = engine.gather(layers[n].s)
+            self._count(engine.shards_parameters, _nbytes(s_full))
+            cores_s[n] = _at_least_fp32(s_full)[:rank_of[n], :rank_of[n]]
+        widths_u = [min(rank_of[n], self.dims[n][0] - rank_of[n]) for n in names]
+        widths_v = [min(rank_of[n], self.dims[n][1] - rank_of[n]) for n in names]
+        u_new = rows.new_directions([block[n]["u"] for n in names], [block[n]["k"] for n in names], widths_u, reduce)
+        v_new = rows.new_directions([block[n]["v"] for n in names], [block[n]["l"] for n in names], widths_v, reduce)
+        k1, l1 = [block[n]["k"] for n in names], [block[n]["l"] for n in names]
+        top_right, bottom_left = rows.core_blocks(k1, l1, u_new, v_new, reduce)
+        crosses: list[Optional[torch.Tensor]] = [None] * len(names)
+        if self.cfg.dlrt.integrator == "kls":  # the batch's activations need whole Ũ, Ṽ: summed from row blocks
+            def whole(parts, leaf):
+                return [_placed(part, held[n][leaf][1], self.dims[n][0 if leaf == "u" else 1])
+                        for n, part in zip(names, parts)]
+            fulls = reduce(whole(u_new, "u") + whole(v_new, "v"))
+            local = [layers[n].cross_block(fulls[i], fulls[len(names) + i]) for i, n in enumerate(names)]
+            crosses = [-self._lr_of(engine, layers[n].s) * c / self._world for n, c in zip(names, reduce(local))]
+        out = []
+        for i, n in enumerate(names):
+            core = integrator.augmented_core(k1[i], l1[i], cores_s[n], u_new[i], v_new[i], crosses[i],
+                                             top_right=top_right[i], bottom_left=bottom_left[i])
+            out.append(_Pending(n, layers[n], core, torch.cat([block[n]["u"], u_new[i]], 1),
+                                torch.cat([block[n]["v"], v_new[i]], 1), by_rows=True))
+        return out
+
+    def _agree(self, pending: list[_Pending], coordinator: Any) -> list[tuple]:
+        """Every core's SVD and truncation rank, rank 0's on every rank, in one broadcast for all layers (the
+        decision is identical even where replicas differ in the last bits)."""
+        cfg, packed, shapes = self.cfg.dlrt, [], []
+        for item in pending:
+            p, sigma, qh = torch.linalg.svd(item.core)
+            top = max_rank_of(self.cfg, *self.dims[item.name])
+            wanted = integrator.truncation_rank(sigma, cfg.theta, cfg.absolute, cfg.min_rank, top)
+            packed.append(torch.cat([p.reshape(-1), sigma, qh.reshape(-1), sigma.new_tensor([float(wanted)])]))
+            shapes.append(item.core.shape)
+        if not packed:
+            return []
+        flat = coordinator.broadcast_tensor(torch.cat(packed))
+        self._count(True, _nbytes(flat))
+        out, start = [], 0
+        for a, b in shapes:
+            k = min(a, b)
+            p, sigma = flat[start: start + a * a].reshape(a, a), flat[start + a * a: start + a * a + k]
+            qh = flat[start + a * a + k: start + a * a + k + b * b].reshape(b, b)
+            wanted = int(flat[start + a * a + k + b * b])
+            out.append(((p, sigma, qh), wanted))
+            start += a * a + k + b * b + 1
+        return out
+
+    def _finish(self, item: _Pending, agreed: tuple, engine: Any) -> None:
+        (svd, wanted), layer = agreed, item.layer
+        r, c = layer.rank, layer.capacity
+        rank = min(wanted, c)
+        result = integrator.truncate(item.core, item.u_aug, item.v_aug, r, rank, svd=svd, wanted=wanted)
+        self._write(layer, engine, result, c, item.by_rows)
+        layer.set_rank(rank)
+        self.ranks[item.name], self.wanted[item.name] = rank, wanted
+        self.rule.observe(item.name, rank, c)
+
+    def _write(self, layer: DLRTLinear, engine: Any, result: "integrator.Truncated", c: int, by_rows: bool) -> None:
+        """New U, V, S, K = U S, L = V S at capacity c; moments of K, L, S rotated into the new coordinates. By
+        rows: U, V, K, L and their moments are this rank's rows (no communication); S is written whole."""
+        rows_u, rows_v = result.u.shape[0], result.v.shape[0]
+        values = {"u": _pad(result.u, rows_u, c), "v": _pad(result.v, rows_v, c), "s": _pad(result.s, c, c),
+                  "k": _pad(result.u @ result.s, rows_u, c), "l": _pad(result.v @ result.s, rows_v, c)}
         left, right = _pad(result.left, c, c), _pad(result.right, c, c)  # old coordinates -> new (zeros past r)
         rotations = {"k": Rotate("k", None, right), "l": Rotate("l", None, left), "s": Rotate("s", left.T, right)}
         for leaf, value in values.items():
             param = getattr(layer, leaf)
+            local = by_rows and leaf != "s"
             state = None
             if leaf in rotations:
-                old = engine.full_state(param)
+                old = engine.local_state(param) if local else engine.full_state(param)
                 if old:
                     moments = {k: t for k, t in old.items() if isinstance(t, torch.Tensor) and t.dim() > 0}
                     if self.cfg.dlrt.moments == "rotate":
@@ -197,8 +284,12 @@ class DLRTMethod(Method):
                     else:
                         new = {k: torch.zeros_like(t) for k, t in moments.items()}
                     state = {k: t for k, t in (new or {}).items() if isinstance(t, torch.Tensor) and t.dim() > 0}
-                    self._count(engine.shards_optimizer_state, sum(_nbytes(t) for t in moments.values()))
-            engine.write(param, value, state)
+                    if not local:
+                        self._count(engine.shards_optimizer_state, sum(_nbytes(t) for t in moments.values()))
+            if local:
+                engine.write_rows(param, value, state)
+            else:
+                engine.write(param, value, state)
 
     def _count(self, communicated: bool, nbytes: int) -> None:
         """Add a collective's payload to this step's integrator bytes: only where it crosses ranks (a gather of

@@ -96,3 +96,55 @@ def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False, switch:
             "dims": {n: (modules.get_submodule(n).out_features, modules.get_submodule(n).in_features)
                      for n in DLRT_LAYERS}}
 
+
+
+HF_STEPS, HF_ACCUMULATION, HF_WARMUP = 12, 2, 3
+HF_LOWRANK = {"strategy": "dlrt", "dlrt": {"theta": 0.3, "init_rank": 8, "capacity_multiple": 1}}
+
+
+def hf_lr_factor(step: int) -> float:
+    """The user's LambdaLR: linear warm-up over HF_WARMUP optimizer steps, then constant."""
+    return min(1.0, (step + 1) / HF_WARMUP)
+
+
+def hf_dlrt_worker(rank: int, world: int) -> dict:
+    """The user's own script: transformers' GPT-2 (Conv1D layers) converted by prepare_model, then the one changed
+    call `dist_lowrank.deepspeed_api.initialize` with bf16, ZeRO-2, gradient accumulation, AdamW with two param
+    groups (decay on matrices only) and a LambdaLR scheduler; the loop is DeepSpeed's."""
+    import dist_lowrank
+    import dist_lowrank.deepspeed_api as lowrank_ds
+    from dist_lowrank.device import default_device
+    from dist_lowrank.methods.dlrt.model import dlrt_layers
+    from examples.hf_common import batches, gpt2, lm_loss
+
+    net = dist_lowrank.prepare_model(gpt2(), HF_LOWRANK)
+    decay = [p for n, p in net.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in net.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, hf_lr_factor)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": HF_ACCUMULATION,
+              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+              "lowrank": HF_LOWRANK}
+    engine, _, _, _ = lowrank_ds.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    data = batches(rank, world, batch=4, device=default_device())
+    losses, trajectory, lrs = [], [], []
+    for micro in range(1, HF_STEPS * HF_ACCUMULATION + 1):
+        loss = lm_loss(engine, next(data))
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+        if micro % HF_ACCUMULATION == 0:  # an optimizer step (and the controller's) just ran
+            trajectory.append(dict(engine.controller.ranks) if engine.controller else {})
+            lrs.append([g["lr"] for g in engine.optimizer.param_groups])
+    layers = dlrt_layers(engine.module)
+    factors = {n: {leaf: getattr(m, leaf).detach().float().clone()[:, : m.rank] if leaf != "s" else
+                   getattr(m, leaf).detach().float().clone()[: m.rank, : m.rank] for leaf in ("u", "s", "v")}
+               for n, m in layers.items()}
+    dtypes = sorted({str(p.dtype) for p in engine.module.parameters()})
+    probe = next(batches(0, 1, batch=2, seed=5, device=default_device()))
+    with torch.no_grad():
+        logits = engine.module(input_ids=probe).logits.float().cpu()
+    return {"losses": losses, "trajectory": trajectory, "lrs": lrs, "factors": factors, "dtypes": dtypes,
+            "probe": probe.cpu(), "logits": logits, "state": {n: p.detach().float().cpu() for n, p in
+                                                              engine.module.state_dict().items()}}

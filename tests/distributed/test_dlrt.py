@@ -177,3 +177,37 @@ def test_start_switch_trains_dense_then_follows_the_plain_torch_dlrt(kind, switc
             assert torch.allclose(r["weights"][name].double(), w, atol=2e-5), (kind, name)
         for name, p in others.items():
             assert torch.allclose(r["others"][name].double(), p, atol=2e-5), (kind, name)
+
+
+def test_the_users_own_hf_script_with_bf16_groups_scheduler_and_accumulation():
+    """DLRT the way a user meets it: GPT-2 from transformers, `deepspeed_api.initialize` with bf16, ZeRO-2, two
+    AdamW param groups, a LambdaLR and gradient accumulation. Both ranks take one rank trajectory; the bases stay
+    orthonormal in fp32 to bf16's rounding (re-orthonormalized every step, not drifting); the engine's output is a
+    plain-torch GPT-2 whose Conv1D weights are the layers' U S Vᵀ; the scheduler's lr is the user's formula."""
+    from transformers.pytorch_utils import Conv1D
+
+    from examples.hf_common import gpt2
+    from tests.distributed.dlrt_workers import HF_STEPS, hf_dlrt_worker, hf_lr_factor
+
+    r0, r1 = run_ranks(hf_dlrt_worker, world=2, timeout=280)
+    assert r0["trajectory"] == r1["trajectory"] and len(r0["trajectory"]) == HF_STEPS
+    assert r0["trajectory"][-1] != r0["trajectory"][0], "theta 0.3 must change ranks"
+    assert r0["dtypes"] == ["torch.bfloat16"]
+    for step, lrs in enumerate(r0["lrs"], start=1):
+        assert lrs == pytest.approx([3e-3 * hf_lr_factor(step)] * 2)
+    for name, f in r0["factors"].items():
+        for leaf in ("u", "v"):
+            gram = f[leaf].T @ f[leaf]
+            # bf16 rounding alone leaves ~1.5e-3; stored bases used as if orthonormal drift past 6e-3 in 12 steps
+            assert (gram - torch.eye(gram.shape[0])).abs().max() < 3e-3, (name, leaf)
+    plain = gpt2()  # the same architecture in plain torch, weights from the run: W = U S Vᵀ per DLRT layer
+    state = {k: v for k, v in r0["state"].items() if k.rsplit(".", 1)[-1] not in ("u", "s", "v", "k", "l")}
+    for name, f in r0["factors"].items():
+        state[f"{name}.weight"] = (f["u"] @ f["s"] @ f["v"].T).T  # Conv1D stores Wᵀ
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
+    assert all(isinstance(plain.get_submodule(n), Conv1D) for n in r0["factors"])
+    with torch.no_grad():
+        expected = plain.to(torch.bfloat16)(input_ids=r0["probe"]).logits.float()
+    assert (expected - r0["logits"]).abs().max() < 0.1 * expected.abs().max()
+    assert sum(r0["losses"][-4:]) < sum(r0["losses"][:4])

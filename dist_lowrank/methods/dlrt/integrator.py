@@ -34,6 +34,16 @@ def new_directions(basis: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return q - basis @ (basis.T @ q)
 
 
+def reorthonormalize(basis: torch.Tensor) -> torch.Tensor:
+    """The nearest-by-QR orthonormal basis (signs kept: Q·sign(diag R) ≈ basis). Bases stored in bf16/fp16 are
+    orthonormal only to their rounding; restoring it in fp32 every step keeps that error from accumulating (the
+    weight U S Vᵀ moves by the storage's rounding, which it has anyway)."""
+    q, r = torch.linalg.qr(basis)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs
+
+
 def augmented_core(k1: torch.Tensor, l1: torch.Tensor, s1: torch.Tensor, u_new: torch.Tensor, v_new: torch.Tensor,
                    cross: Optional[torch.Tensor] = None, top_right: Optional[torch.Tensor] = None,
                    bottom_left: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -50,6 +50,10 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _half(layer: DLRTLinear) -> bool:
+    return layer.u.dtype in (torch.float16, torch.bfloat16)
+
+
 def _placed(rows: torch.Tensor, first: int, total: int) -> torch.Tensor:
     """This rank's rows at their place in a zero (total × cols) matrix: summed over the ranks, the whole matrix."""
     out = rows.new_zeros(total, rows.shape[1])
@@ -178,6 +182,8 @@ class DLRTMethod(Method):
         full = {leaf: _at_least_fp32(engine.gather(getattr(layer, leaf))) for leaf in LEAVES}  # QR, SVD in fp32+
         self._count(engine.shards_parameters, sum(t.numel() for t in full.values()) * layer.s.element_size())
         u, v = full["u"][:, :r], full["v"][:, :r]
+        if _half(layer):
+            u, v = integrator.reorthonormalize(u), integrator.reorthonormalize(v)
         k1, l1, s1 = full["k"][:, :r], full["l"][:, :r], full["s"][:r, :r]
         u_new, v_new = integrator.new_directions(u, k1), integrator.new_directions(v, l1)
         cross = None
@@ -207,6 +213,11 @@ class DLRTMethod(Method):
             s_full = engine.gather(layers[n].s)
             self._count(engine.shards_parameters, _nbytes(s_full))
             cores_s[n] = _at_least_fp32(s_full)[:rank_of[n], :rank_of[n]]
+        half = [n for n in names if _half(layers[n])]
+        if half:
+            fixed = rows.reorthonormalize([block[n][leaf] for n in half for leaf in ("u", "v")], reduce)
+            for i, n in enumerate(half):
+                block[n]["u"], block[n]["v"] = fixed[2 * i], fixed[2 * i + 1]
         widths_u = [min(rank_of[n], self.dims[n][0] - rank_of[n]) for n in names]
         widths_v = [min(rank_of[n], self.dims[n][1] - rank_of[n]) for n in names]
         u_new = rows.new_directions([block[n]["u"] for n in names], [block[n]["k"] for n in names], widths_u, reduce)

@@ -69,3 +69,14 @@ def core_blocks(k1: list[torch.Tensor], l1: list[torch.Tensor], u_new: list[torc
     n = len(k1)
     sums = reduce([l.T @ v for l, v in zip(l1, v_new)] + [u.T @ k for u, k in zip(u_new, k1)])
     return sums[:n], sums[n:]
+
+
+def reorthonormalize(blocks: list[torch.Tensor], reduce: Reduce) -> list[torch.Tensor]:
+    """Row blocks of nearly orthonormal bases (stored in half precision) made orthonormal in fp64 by one Cholesky
+    QR (B = Q Lᵀ with BᵀB = L Lᵀ, summed): Q stays next to B, as integrator.reorthonormalize's."""
+    wide = [b.to(torch.float64) for b in blocks]
+    out = []
+    for block, gram, original in zip(wide, reduce([b.T @ b for b in wide]), blocks):
+        lower = torch.linalg.cholesky(gram)
+        out.append(torch.linalg.solve_triangular(lower, block.T, upper=False).T.to(original.dtype))
+    return out

@@ -73,6 +73,7 @@ class LowRankDeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor, *args, **kwargs):
         self._micro_losses.append(float(loss.detach().float()))
+        self._backend.note_backward()
         return self.engine.backward(loss, *args, **kwargs)
 
     def step(self, *args, **kwargs):

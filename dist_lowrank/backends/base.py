@@ -66,6 +66,11 @@ class Backend(ABC):
         between optimizer steps (DLRT's integrator). Every rank calls it with the same full tensors."""
         raise NotImplementedError(f"{self.name}: this backend cannot write parameters in place")
 
+    def backward_scale(self) -> float:
+        """The factor the engine multiplied the loss by in the last backward (an fp16 loss scale; 1 elsewhere):
+        what a method that keeps activations' gradients from the backward (DLRT's KLS) must divide by."""
+        return 1.0
+
     def row_shard(self, param: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
         """(this rank's rows of `param` as a (rows × rest) tensor, its first global row) where the engine splits
         every parameter into disjoint row blocks over the ranks (FSDP2 `Shard(0)`): a method may then compute

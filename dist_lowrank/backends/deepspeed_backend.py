@@ -120,7 +120,15 @@ class DeepSpeedBackend(Backend):
         return self.engine.module
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.note_backward()
         self.engine.backward(loss)
+
+    def note_backward(self) -> None:
+        """Remember the fp16 loss scale this backward uses (the scaler may change it at the step after)."""
+        self._backward_scale = ds_loss_scale.current_scale(self.engine)
+
+    def backward_scale(self) -> float:
+        return getattr(self, "_backward_scale", 1.0)
 
     def step(self) -> None:
         boundary = self.engine.is_gradient_accumulation_boundary()

@@ -67,3 +67,13 @@ def restore(engine: Any, state: LossScaleState) -> None:
     grad_scaler = getattr(engine, GRAD_SCALER, None)
     if state.grad_scaler is not None and grad_scaler is not None:
         grad_scaler.load_state_dict(state.grad_scaler)
+
+
+def current_scale(engine: Any) -> float:
+    """The loss scale the engine's next backward applies (fp16: the scaler's cur_scale; bf16/fp32: 1)."""
+    if not (callable(getattr(engine, "fp16_enabled", None)) and engine.fp16_enabled()):
+        return 1.0
+    optimizer = getattr(engine, "optimizer", None)
+    scaler = getattr(optimizer, "loss_scaler", None)
+    value = getattr(scaler, "cur_scale", None) if scaler is not None else getattr(optimizer, "cur_scale", None)
+    return float(value) if value is not None else 1.0

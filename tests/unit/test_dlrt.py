@@ -321,3 +321,50 @@ def test_row_sharded_new_directions_span_what_the_gathered_qr_spans():
         assert (u.T @ q).abs().max() < 1e-6
         if keep == 4:
             assert torch.allclose(q @ q.T, expected @ expected.T, atol=1e-5)
+
+
+class _LossScaledBackend(LocalBackend):
+    """A LocalBackend with a hand-made static loss scale (what DeepSpeed fp16 does): backward of loss × SCALE,
+    gradients unscaled before the step; `told` says whether it reports the scale to the plugin."""
+
+    SCALE = 1024.0
+
+    def __init__(self, *args, told: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.told = told
+
+    def backward(self, loss):
+        (loss * self.SCALE).backward()
+
+    def step(self):
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad /= self.SCALE
+        super().step()
+
+    def backward_scale(self) -> float:
+        return self.SCALE if self.told else 1.0
+
+
+def test_kls_under_a_loss_scale_equals_the_unscaled_run():
+    """KLS keeps (x, gy) from the backward, where gy carries the fp16 loss scale: divided by the engine's
+    backward_scale the run equals the unscaled one; a scale the plugin is not told about changes it."""
+    def run(backend_cls, **kw):
+        torch.manual_seed(0)
+        cfg = dlrt_config(theta=0.05, integrator="kls")
+        model = prepare_model(nn.Sequential(nn.Linear(N, M, bias=False)).double(), cfg)
+        backend = backend_cls(model, lambda p: torch.optim.SGD(p, lr=LR), **kw)
+        controller = LowRankController(backend, cfg)
+        gen = torch.Generator().manual_seed(4)
+        for step in range(1, 4):
+            x = torch.randn(16, N, generator=gen, dtype=torch.float64)
+            t = torch.randn(16, M, generator=gen, dtype=torch.float64)
+            backend.backward(((backend.model(x) - t) ** 2).mean())
+            backend.step()
+            controller.after_step(step, 1.0)
+        return model[0].weight_matrix().detach(), dict(controller.ranks)
+
+    plain, scaled, untold = run(LocalBackend), run(_LossScaledBackend), run(_LossScaledBackend, told=False)
+    assert scaled[1] == plain[1] and torch.allclose(scaled[0], plain[0], atol=1e-10)
+    assert not torch.allclose(untold[0], plain[0], atol=1e-4)

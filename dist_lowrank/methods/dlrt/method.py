@@ -189,7 +189,7 @@ class DLRTMethod(Method):
         cross = None
         if self.cfg.dlrt.integrator == "kls":
             local = layer.cross_block(u_new, v_new)
-            cross = -self._lr_of(engine, layer.s) * coordinator.mean_tensor(local)
+            cross = self._cross(engine, layer, coordinator.mean_tensor(local))
             self._count(True, _nbytes(local))
         core = integrator.augmented_core(k1, l1, s1, u_new, v_new, cross)
         return _Pending(name, layer, core, torch.cat([u, u_new], 1), torch.cat([v, v_new], 1), by_rows=False)
@@ -231,7 +231,7 @@ class DLRTMethod(Method):
                         for n, part in zip(names, parts)]
             fulls = reduce(whole(u_new, "u") + whole(v_new, "v"))
             local = [layers[n].cross_block(fulls[i], fulls[len(names) + i]) for i, n in enumerate(names)]
-            crosses = [-self._lr_of(engine, layers[n].s) * c / self._world for n, c in zip(names, reduce(local))]
+            crosses = [self._cross(engine, layers[n], c / self._world) for n, c in zip(names, reduce(local))]
         out = []
         for i, n in enumerate(names):
             core = integrator.augmented_core(k1[i], l1[i], cores_s[n], u_new[i], v_new[i], crosses[i],
@@ -307,6 +307,12 @@ class DLRTMethod(Method):
         a replicated parameter, or anything on one process, moves nothing)."""
         if communicated and self._world > 1:
             self.integrator_bytes += int(nbytes)
+
+    def _cross(self, engine: Any, layer: DLRTLinear, mean: torch.Tensor) -> torch.Tensor:
+        """KLS's fourth core block −λ ŨᵀGṼ from the ranks' mean of the recorded products: unscaled by the fp16 loss
+        scale the backward ran with (the records hold scaled output gradients), zero if not finite."""
+        block = -self._lr_of(engine, layer.s) * mean / engine.backward_scale()
+        return block if bool(torch.isfinite(block).all()) else torch.zeros_like(block)
 
     @staticmethod
     def _lr_of(engine: Any, param: torch.Tensor) -> float:

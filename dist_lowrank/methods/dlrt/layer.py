@@ -41,14 +41,15 @@ class _DLRTMatmul(torch.autograd.Function):
     def backward(ctx: Any, gy: torch.Tensor):
         x, u, s, v, z = ctx.saved_tensors
         gw = gy @ u                      # (…, r): the output gradient in U's coordinates
-        grad_x = (gw @ s) @ v.T
+        grad_x = (gw @ s) @ v.T if ctx.needs_input_grad[0] else None
         x2, gy2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
         z2, gw2 = z.reshape(-1, z.shape[-1]), gw.reshape(-1, gw.shape[-1])
-        grad_s = gw2.T @ z2              # Uᵀ G V
+        grad_gv = gy2.T @ z2             # G V
+        grad_s = u.T @ grad_gv           # Uᵀ G V, from G V (m·r² instead of a second pass over the batch)
         if ctx.s_only:
             grad_k, grad_l = torch.zeros_like(u), torch.zeros_like(v)
         else:
-            grad_k = gy2.T @ z2          # G V
+            grad_k = grad_gv
             grad_l = x2.T @ gw2          # Gᵀ U
         if ctx.recorder is not None:
             ctx.recorder.append((x2.detach(), gy2.detach()))
@@ -177,16 +178,19 @@ class _DLRTConv(torch.autograd.Function):
         x, u, s, v, z = ctx.saved_tensors
         geo = ctx.geometry
         conv = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"])
-        gw = torch.einsum("bmhw,mr->brhw", gy, u)          # Uᵀ gy at every position
-        grad_z = torch.einsum("brhw,rq->bqhw", gw, s)      # Sᵀ Uᵀ gy
-        kernels = v.T.reshape(v.shape[1], *geo["kernel_shape"])
-        grad_x = conv2d_input(x.shape, kernels, grad_z, **conv)
-        grad_s = torch.einsum("brhw,bqhw->rq", gw, z)      # Uᵀ G V
+        r = v.shape[1]
+        gw = F.conv2d(gy, u.T[:, :, None, None])           # Uᵀ gy at every position (a 1×1 conv)
+        grad_x = None
+        if ctx.needs_input_grad[0]:                         # Sᵀ Uᵀ gy through the k×k conv's input gradient
+            kernels = v.T.reshape(r, *geo["kernel_shape"])
+            grad_x = conv2d_input(x.shape, kernels, F.conv2d(gw, s.T[:, :, None, None]), **conv)
+        grad_gv = conv2d_weight(z, (u.shape[0], r, 1, 1), gy).reshape(u.shape[0], r)  # G V = Σ gy zᵀ
+        grad_s = u.T @ grad_gv                              # Uᵀ G V
         if ctx.s_only:
             grad_k, grad_l = torch.zeros_like(u), torch.zeros_like(v)
         else:
-            grad_k = torch.einsum("bmhw,brhw->mr", gy, z)  # G V
-            grad_l = conv2d_weight(x, (v.shape[1], *geo["kernel_shape"]), gw, **conv).reshape(v.shape[1], -1).T
+            grad_k = grad_gv
+            grad_l = conv2d_weight(x, (r, *geo["kernel_shape"]), gw, **conv).reshape(r, -1).T  # Gᵀ U
         if ctx.recorder is not None:
             ctx.recorder.append((x.detach(), gy.detach()))
         return grad_x, None, grad_s, None, grad_k, grad_l, None, None, None

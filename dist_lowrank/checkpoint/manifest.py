@@ -26,7 +26,7 @@ class Manifest:
     """Everything a loader needs before it builds the model (see the module docstring)."""
 
     step: int
-    phase: str                                   # "full", "low" or "grown@<step>"
+    phase: str                                   # "full", "low", "grown@<step>" or "resize@<step>"
     switch_step: Optional[int]
     layout: dict[str, dict[str, Any]]           # layer → {"type": "lowrank", "rank"} | {"type": "inrank", ...}
     controller: Optional[dict[str, Any]]        # LowRankController.state_dict() (strategy/detector state)

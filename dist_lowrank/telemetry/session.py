@@ -4,7 +4,7 @@ The training loop (the CLI's, or the user's through `LowRankController.after_ste
 proxy's `step`) reports each optimizer step; this object measures what the step sent (CommCounter),
 keeps the step window, and on rank 0 writes `events.jsonl` and TensorBoard (RunLogger): per window the
 loss, step time, samples/s and tokens/s, parameter counts (total and trainable) and measured bytes per
-step by op; per phase (full, low, grown@N) the analytic bytes beside them; the controller's events
+step by op; per phase (full, low, grown@N, resize@N) the analytic bytes beside them; the controller's events
 (stable ranks, ranks, the switch's cost). `close()` writes the summary and the report.
 
 Every rank calls the same methods at the same steps: a window's loss is averaged over ranks with one
@@ -62,8 +62,11 @@ def comm_model_of(backend: Any) -> Optional[str]:
 
 
 def phase_after(kind: str, step: int) -> str:
-    """The phase a change starts: low rank after a switch / fix, `grown@step` after a growth."""
-    return "low" if kind in ("switch", "fix") else f"grown@{step}"
+    """The phase a change starts: low rank after a switch / fix, `grown@step` after a growth, `<kind>@step` after
+    another change of shape (a capacity resize)."""
+    if kind in ("switch", "fix"):
+        return "low"
+    return f"grown@{step}" if kind == "grow" else f"{kind}@{step}"
 
 
 class RunTelemetry:

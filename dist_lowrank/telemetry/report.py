@@ -202,6 +202,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_per_layer(plt: Any, fig: Any, ax: Any, ylabel: str, title: str, path: Path) -> Path:
+    """Label a per-layer curve plot over optimizer steps and write it."""
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def render_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -215,14 +227,7 @@ def render_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
     if report["switch"]:
         ax.axvline(report["switch"]["step"], color="k", linestyle="--", label="switch")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("stable rank")
-    ax.set_title("Stable rank per layer")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "srank.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save_per_layer(plt, fig, ax, "stable rank", "Stable rank per layer", out_dir / "srank.png"))
 
     trajectories = report.get("rank_trajectories") or {}
     if trajectories:
@@ -231,14 +236,7 @@ def render_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         for name, points in trajectories.items():  # piecewise constant between logged changes
             ax.step([p[0] for p in points] + [last], [p[1] for p in points] + [points[-1][1]], where="post",
                     label=name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("rank")
-        ax.set_title("Rank per layer")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out_dir / "ranks.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(_save_per_layer(plt, fig, ax, "rank", "Rank per layer", out_dir / "ranks.png"))
 
     phases = list(report["phases"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))

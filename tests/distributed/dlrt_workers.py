@@ -37,11 +37,15 @@ def sgd(params):
     return torch.optim.SGD(params, lr=LR)
 
 
-def make_backend(kind: str, world: int, switch: bool = False):
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def make_backend(kind: str, world: int, switch: bool = False, optimizer=sgd):
     from tests.distributed.shrink_workers import make_backend as engine
 
-    return engine(kind, world, lambda: dlrt_model(switch), sgd,
-                  {"zero_allow_untested_optimizer": True})  # torch SGD as the client
+    return engine(kind, world, lambda: dlrt_model(switch), optimizer,
+                  {"zero_allow_untested_optimizer": True})  # torch SGD / Adam as the client
 
 
 def full_value(kind: str, param: torch.Tensor) -> torch.Tensor:
@@ -53,14 +57,35 @@ def full_value(kind: str, param: torch.Tensor) -> torch.Tensor:
     return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone().cpu()
 
 
-def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False, switch: bool = False) -> dict:
+def moments_of(kind: str, backend) -> dict[str, dict[str, torch.Tensor]]:
+    """Adam's exp_avg / exp_avg_sq of every K, L, S at the active rank, through the engine's own API."""
+    out = {}
+    for name in DLRT_LAYERS:
+        layer = backend.unwrapped_model().get_submodule(name)
+        r = layer.rank
+        for leaf in "kls":
+            param = getattr(layer, leaf)
+            if kind.startswith("zero"):
+                from deepspeed.utils import safe_get_full_optimizer_state
+
+                state = {k: safe_get_full_optimizer_state(param, k) for k in ("exp_avg", "exp_avg_sq")}
+            else:
+                full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 - FSDP2 DTensors
+                state = {k: full(backend.optimizer.state[param][k]) for k in ("exp_avg", "exp_avg_sq")}
+            out[f"{name}.{leaf}"] = {k: (v[:r, :r] if leaf == "s" else v[:, :r]).detach().cpu().clone()
+                                     for k, v in state.items()}
+    return out
+
+
+def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False, switch: bool = False,
+                optimizer: str = "sgd") -> dict:
     """`perturb`: rank 1 adds 1e-7·N(0, 1) to its replica of every factor after step PERTURBED_STEP's optimizer
     step (DDP: the replicas then differ, as they may in the last bits on real hardware). `switch`: start=switch
     (dense until Cuttlefish's detector, forced at SWITCH_STEP)."""
     from dist_lowrank.controller import LowRankController
 
     torch.manual_seed(0)
-    backend = make_backend(kind, world, switch)
+    backend = make_backend(kind, world, switch, {"sgd": sgd, "adam": adam}[optimizer])
     controller = LowRankController(backend, dlrt_config(switch))
     controller.start()
     trajectory, resizes, bytes_logged, capacities = [], [], [], [dict(controller.capacities)]
@@ -93,6 +118,7 @@ def dlrt_worker(rank: int, world: int, kind: str, perturb: bool = False, switch:
     return {"trajectory": trajectory, "resizes": resizes, "weights": weights, "others": others,
             "capacities": dict(controller.capacities), "integrator_bytes": bytes_logged, "logged": logged,
             "capacity_trajectory": capacities, "switch": switched,
+            "moments": moments_of(kind, backend) if optimizer == "adam" else None,
             "dims": {n: (modules.get_submodule(n).out_features, modules.get_submodule(n).in_features)
                      for n in DLRT_LAYERS}}
 

@@ -20,7 +20,7 @@ from dist_lowrank.config import LowRankConfig
 from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import default_device
 from dist_lowrank.faults import maybe_fault
-from dist_lowrank.methods import build_method
+from dist_lowrank.methods import build_method, check_run
 from dist_lowrank.methods.base import Probe
 from dist_lowrank.monitor import RankMonitor
 from dist_lowrank.plan import Plan
@@ -42,6 +42,7 @@ class LowRankController:
         self.on_event = on_event or (lambda event: None)
         self.telemetry = telemetry
         finished = bool(resume_state and resume_state.get("finished"))
+        check_run(cfg, sharded_parameters=backend.shards_parameters)  # the library path's one-line refusals too
         self.method = build_method(cfg, backend, steps_per_epoch=steps_per_epoch, finished=finished)
         self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps, rtol=cfg.monitor.rtol, seed=cfg.seed)
         self.coordinator = Coordinator()

@@ -368,3 +368,27 @@ def test_kls_under_a_loss_scale_equals_the_unscaled_run():
     plain, scaled, untold = run(LocalBackend), run(_LossScaledBackend), run(_LossScaledBackend, told=False)
     assert scaled[1] == plain[1] and torch.allclose(scaled[0], plain[0], atol=1e-10)
     assert not torch.allclose(untold[0], plain[0], atol=1e-4)
+
+
+def test_integrate_every_n_steps_keeps_the_bases_in_between():
+    """integrate_every 3: U, V (and the rank) change only at steps 3 and 6; in between K, L, S take plain optimizer
+    steps; KLS refuses it in one line."""
+    torch.manual_seed(0)
+    cfg = dlrt_config(theta=0.3, integrate_every=3)
+    model = prepare_model(nn.Sequential(nn.Linear(N, M, bias=False)).double(), cfg)
+    backend = LocalBackend(model, lambda p: torch.optim.SGD(p, lr=LR))
+    controller = LowRankController(backend, cfg)
+    gen = torch.Generator().manual_seed(4)
+    moved = []
+    for step in range(1, 7):
+        before = model[0].u.detach().clone()
+        x = torch.randn(16, N, generator=gen, dtype=torch.float64)
+        backend.backward(((backend.model(x) - torch.randn(16, M, generator=gen, dtype=torch.float64)) ** 2).mean())
+        backend.step()
+        controller.after_step(step, 1.0)
+        moved.append(not torch.equal(before, model[0].u.detach()))
+    assert moved == [False, False, True, False, False, True]
+    with pytest.raises(ConfigError, match="integrate_every"):
+        from dist_lowrank.methods import check_run
+
+        check_run(dlrt_config(integrate_every=2, integrator="kls"), sharded_parameters=False)

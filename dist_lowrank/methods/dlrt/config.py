@@ -29,6 +29,9 @@ class DLRTConfig:
         "spectrum); switch: train dense first (Cuttlefish's detector, the lowrank.cuttlefish section, picks the "
         "step and the first ranks), then U S V from the trained weight's truncated SVD",
         default="scratch")
+    integrate_every: int = _help("run the integrator (basis augmentation, truncation, rank decision) every this many "
+                                 "optimizer steps; in between K, L and S take plain optimizer steps on fixed bases "
+                                 "(parallel integrator only; >= 1)", check=ge(1), default=1)
     adaptive_steps: Optional[int] = _help("optimizer steps of rank adaptation; after them U and V are fixed and "
                                           "only S trains (the paper's fine-tuning phase); null: adapt to the end",
                                           check=ge(1), default=None)

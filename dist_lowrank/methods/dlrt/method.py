@@ -125,6 +125,9 @@ class DLRTMethod(Method):
 
     @classmethod
     def check_run(cls, cfg, sharded_parameters: bool) -> None:
+        if cfg.dlrt.integrate_every > 1 and cfg.dlrt.integrator == "kls":
+            raise ConfigError("lowrank.dlrt.integrate_every: > 1 needs integrator 'parallel' (KLS's core block is "
+                              "the step's own activations)")
         if cfg.dlrt.min_rank > cfg.dlrt.init_rank:
             raise ConfigError(f"lowrank.dlrt.min_rank: {cfg.dlrt.min_rank} > init_rank {cfg.dlrt.init_rank}")
         if cfg.dlrt.max_rank is not None and cfg.dlrt.max_rank < cfg.dlrt.min_rank:
@@ -152,11 +155,14 @@ class DLRTMethod(Method):
         self._engine = probe.engine
         if self.warmup is not None:
             return  # still dense: the optimizer's step is the whole step
+        if step % self.cfg.dlrt.integrate_every and not self._adapting_ends(step):
+            self.integrator_bytes = 0
+            return  # K, L, S took their optimizer step on the current bases; the integrator runs every n steps
         start = time.perf_counter()
         self.last_step, self.integrator_bytes = step, 0
         self._world = probe.coordinator.world_size
         layers = dlrt_layers(probe.engine.unwrapped_model())
-        adapting = self.cfg.dlrt.adaptive_steps is None or step < self.cfg.dlrt.adaptive_steps
+        adapting = not self._adapting_ends(step)
         names = sorted(self.targets)
         by_rows = bool(names) and all(probe.engine.row_shard(layers[n].u) is not None for n in names)
         pending = (self._prepare_rows(names, layers, probe) if by_rows
@@ -174,6 +180,9 @@ class DLRTMethod(Method):
                         "capacities": state[2], "integrator_bytes": self.integrator_bytes,
                         "integrator_bytes_total": self.integrator_bytes_total, "by_rows": by_rows,
                         "seconds": time.perf_counter() - start})
+
+    def _adapting_ends(self, step: int) -> bool:
+        return self.cfg.dlrt.adaptive_steps is not None and step >= self.cfg.dlrt.adaptive_steps
 
     def _prepare_full(self, name: str, layer: DLRTLinear, probe: Probe) -> _Pending:
         """One layer's augmented core from its full factors (gathered where sharded; replicas use their own)."""
@@ -325,7 +334,9 @@ class DLRTMethod(Method):
         return float(groups[0]["lr"])
 
     def due(self, step: int) -> bool:
-        return step % self.cadence == 0 if self.warmup is not None else True
+        if self.warmup is not None:
+            return step % self.cadence == 0
+        return step % self.cfg.dlrt.integrate_every == 0 or self._adapting_ends(step)
 
     def measure(self, step: int, probe: Probe) -> dict[str, Any]:
         if self.warmup is not None:

@@ -116,6 +116,8 @@ def build_report(events: list[dict[str, Any]]) -> dict[str, Any]:
                                for name in (estimates[0]["sranks"] if estimates else {})},
         "changes": [{"step": e["step"], "event": e["event"], "ranks": e.get("ranks", {})} for e in changes],
         "rank_trajectories": _rank_trajectories(events),
+        "integrator_bytes": [[e["step"], e["integrator_bytes"]] for e in events
+                             if e.get("event") == "rank_update" and e.get("integrator_bytes") is not None],
     }
 
 
@@ -197,6 +199,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             ranks = [p[1] for p in points]
             lines.append(f"| {name} | {ranks[0]} (step {points[0][0]}) | {ranks[-1]} (step {points[-1][0]}) "
                          f"| {min(ranks)} | {max(ranks)} | {len(points) - 1} |")
+        moved = report.get("integrator_bytes") or []
+        if moved:
+            lines += ["", f"Bytes the integrator itself sent per step (this rank): {_fmt(moved[0][1])} at step "
+                          f"{moved[0][0]}, {_fmt(moved[-1][1])} at step {moved[-1][0]} (they follow the ranks)."]
     lines += ["", "Plots: `srank.png` (stable-rank trajectories, switch marked), `savings.png` (params and comm)"
               + (", `ranks.png` (rank per layer over the run)." if trajectories else ".")]
     return "\n".join(lines) + "\n"

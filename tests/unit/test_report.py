@@ -113,6 +113,7 @@ def test_rank_adaptive_trajectories_reach_tensorboard_and_the_report(tmp_path):
     assert [s.value for s in acc.Scalars("comm/bytes_per_step/integrator")] == \
         [e["integrator_bytes"] for e in updates]
     assert "## Ranks over time" in (tmp_path / "report.md").read_text()
+    assert report["integrator_bytes"] == [[e["step"], e["integrator_bytes"]] for e in updates]
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "ranks.png").std() > 0

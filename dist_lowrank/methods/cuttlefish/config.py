@@ -12,6 +12,10 @@ from dist_lowrank.config_io import help_field as _help
 class CuttlefishConfig:
     """Cuttlefish: switch when every tracked layer's stable rank has stopped moving."""
 
+    preset: Literal["default", "reference"] = _help(
+        "default: this project's detector; reference: the published Cuttlefish code's, decision for decision (int "
+        "sranks, np.gradient, a full window first, the switch one measurement after detection; "
+        "methods/cuttlefish/reference.py says where and why the default differs)", default="default")
     ema_window: int = _help("EMA window w of the srank history (alpha = 2/(w+1))", check=ge(1), default=15)
     last_k: int = _help("mean of the last k |d EMA| entries is compared with the threshold", check=ge(1), default=11)
     threshold: float = _help("a layer is stable when that mean is below this (> 0)", check=gt(0), default=0.1)

@@ -6,7 +6,7 @@ from torch import nn
 
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.layers import frobenius_decay_, frobenius_penalty
-from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy
+from dist_lowrank.methods.cuttlefish.reference import cuttlefish_strategy
 from dist_lowrank.methods.switching import SwitchMethod
 
 
@@ -15,7 +15,7 @@ class CuttlefishMethod(SwitchMethod):
 
     @classmethod
     def make_rule(cls, cfg, dims):
-        return CuttlefishStrategy(cfg.cuttlefish, dims, cfg.min_rank)
+        return cuttlefish_strategy(cfg.cuttlefish, dims, cfg.min_rank)
 
     @classmethod
     def check_run(cls, cfg, sharded_parameters: bool) -> None:

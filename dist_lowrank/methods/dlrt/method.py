@@ -25,7 +25,8 @@ from dist_lowrank.errors import ConfigError
 from dist_lowrank.methods.base import Method, Probe
 from dist_lowrank.methods.dlrt import integrator, rows
 from dist_lowrank.methods.dlrt.layer import DLRTLinear
-from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy
+from dist_lowrank.methods.cuttlefish.reference import cuttlefish_strategy
+from dist_lowrank.methods.rule import Strategy
 from dist_lowrank.methods.dlrt.model import check_supported, dlrt_layers, empty_dlrt_like, max_rank_of, to_dlrt
 from dist_lowrank.methods.dlrt.reshape import capacity_change, switch_change
 from dist_lowrank.methods.dlrt.rule import CapacityRule, capacity_for
@@ -78,7 +79,7 @@ class DLRTMethod(Method):
     name = "dlrt"
 
     def __init__(self, cfg, targets: dict[str, nn.Module], dims: dict[str, tuple[int, int]],
-                 finished: bool = False, warmup: Optional[CuttlefishStrategy] = None, cadence: int = 1) -> None:
+                 finished: bool = False, warmup: Optional[Strategy] = None, cadence: int = 1) -> None:
         super().__init__(cfg, targets, dims)
         self.finished = finished
         self.warmup, self.cadence = warmup, cadence  # start=switch: the dense phase's detector, until the switch
@@ -102,7 +103,7 @@ class DLRTMethod(Method):
             targets, dims = cls.select(cfg, engine.unwrapped_model(), engine)
             for name, module in targets.items():
                 check_supported(name, module)
-            return cls(cfg, targets, dims, warmup=CuttlefishStrategy(cfg.cuttlefish, dims, cfg.min_rank),
+            return cls(cfg, targets, dims, warmup=cuttlefish_strategy(cfg.cuttlefish, dims, cfg.min_rank),
                        cadence=cadence_steps(cfg, steps_per_epoch))
         if not layers:
             raise ConfigError("lowrank.strategy: 'dlrt' needs a model converted with dist_lowrank.prepare_model "

@@ -8,6 +8,7 @@ rank with a named error instead of a hang.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -143,8 +144,11 @@ class Coordinator:
         try:
             dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
         except RuntimeError as exc:
-            raise StragglerError(f"{phase}: not every rank arrived within {timeout_s:g}s "
-                                 f"(lowrank.switch.barrier_timeout_s): {str(exc).splitlines()[0]}") from exc
+            first = str(exc).splitlines()[0]
+            late = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", first)
+            who = f"rank(s) [{', '.join(late.group(1).replace(',', ' ').split())}]" if late else "not every rank"
+            raise StragglerError(f"{phase}: {who} did not arrive within {timeout_s:g}s "
+                                 f"(lowrank.switch.barrier_timeout_s): {first}") from exc
 
     def gather_objects(self, obj: object) -> list:
         """Every rank's `obj`, in rank order, on every rank (small records such as switch measurements)."""

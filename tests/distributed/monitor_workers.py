@@ -94,18 +94,43 @@ def agree_worker(rank: int, world: int, disagree: bool):
         return ("PlanMismatchError", str(exc))
 
 
+NEAR_THRESHOLD = [10.0, 10.0, 12.0, 12.5, 12.5, 12.5]  # srank of net.2 at steps 0 (init), 1, 2, ...
+
+
 def near_threshold_worker(rank: int, world: int):
-    """A stable rank exactly at a decision threshold, one rank's copy perturbed by 1e-7.
+    """The real controller and Cuttlefish strategy on DDP, the monitor scripted: at step 3 the stable rank moves by
+    exactly the threshold (0.5, not stable: `<`) on rank 0, and by 0.5 − 1e-7 (stable) on rank 1's copy. Returns
+    the step each rank switched at, its ranks, and the step a strategy fed this rank's own values would switch at."""
+    from types import SimpleNamespace
 
-    The strategy sees rank 0's broadcast values on every rank, so the decision is identical.
-    """
-    from dist_lowrank.coordinator import Coordinator
+    from dist_lowrank.backends.ddp_backend import DDPBackend
+    from dist_lowrank.config import LowRankConfig
+    from dist_lowrank.config_io import dataclass_from_dict
+    from dist_lowrank.controller import LowRankController
+    from dist_lowrank.methods.cuttlefish.rule import CuttlefishStrategy
+    from tests.distributed.switch_common import local_batch, loss_fn, make_model
 
-    value = 4.0 + (1e-7 if rank == 1 else 0.0)
-    shared = Coordinator().broadcast_values({"layer": value})
-    decision = "switch" if shared["layer"] <= 4.0 else "wait"  # a threshold rule at exactly 4.0
-    plan_hash = Coordinator().agree(None)
-    return decision, shared["layer"], plan_hash
+    cfg = dataclass_from_dict(LowRankConfig, {
+        "strategy": "cuttlefish", "target_modules": ["net.2"], "monitor": {"cadence_steps": 1},
+        "cuttlefish": {"ema_window": 1, "last_k": 1, "threshold": 0.5, "relax_threshold": False, "rank_rule": "raw"},
+        "switch": {"profile_layers": False}}, "lowrank")
+    mine = [v - (1e-7 if rank == 1 and i == 3 else 0.0) for i, v in enumerate(NEAR_THRESHOLD)]
+    backend = DDPBackend(make_model(), lambda p: torch.optim.SGD(p, lr=0.01))
+    controller = LowRankController(backend, cfg)
+    calls = iter(mine)
+    controller.monitor.estimate = lambda views: {v.name: SimpleNamespace(value=next(calls)) for v in views}
+    controller.start()
+    switched = None
+    for step in range(1, len(mine)):
+        loss = loss_fn(backend.model, local_batch(step, rank, world))
+        backend.backward(loss)
+        backend.step()
+        plan = controller.after_step(step, float(loss.detach()))
+        if plan is not None and switched is None:
+            switched = (step, dict(plan.ranks))
+    alone = CuttlefishStrategy(cfg.cuttlefish, {"net.2": (40, 48)})
+    alone_step = next(step for step, value in enumerate(mine) if alone.observe(step, {"net.2": value}) is not None)
+    return switched, alone_step
 
 
 def failure_worker(rank: int, world: int):

@@ -35,7 +35,9 @@ def test_deepspeed_switch_matches_reference_and_keeps_state(stage):
         assert r["steps"] == (PRE_STEPS, PRE_STEPS + POST_STEPS)
         m = r["measurements"]
         assert m["layers"] == len(PLAN_RANKS) and m["params_after"] < m["params_before"]
-        assert m["seconds"] > 0 and m["peak_rss_delta_mb"] >= 0
+        # the switch of this small MLP allocates a few MB of factors and moments: a copy of the engine or a leak of
+        # the old one would show (RssPeak itself is checked against a known allocation in tests/unit/test_rss_peak.py)
+        assert m["seconds"] > 0 and m["peak_rss_delta_mb"] < 64, m
         if stage == 3:
             assert r["partitioned"]
     for name, tensor in r0["final"].items():

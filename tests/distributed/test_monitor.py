@@ -84,9 +84,11 @@ def test_injected_disagreement_raises_named_error_on_every_rank():
 
 
 def test_near_threshold_values_give_one_decision():
-    results = run_ranks(near_threshold_worker, timeout=60)
-    assert results[0] == results[1]
-    assert results[0][0] == "switch" and results[0][1] == 4.0
+    """RELIABILITY scenario 1 through the real controller and strategy: alone, rank 1 (its copy 1e-7 under the
+    threshold) would switch at step 3 and rank 0 at step 4; agreed on rank 0's values, both switch at 4, same ranks."""
+    (switch0, alone0), (switch1, alone1) = run_ranks(near_threshold_worker, timeout=120)
+    assert (alone0, alone1) == (4, 3), "the scripted values must straddle the threshold"
+    assert switch0 == switch1 and switch0[0] == 4 and switch0[1] == {"net.2": 13}
 
 
 def test_failure_on_one_rank_ends_every_rank_named():

@@ -95,6 +95,11 @@ def test_bench_end_to_end_tiny(tmp_path: Path) -> None:
     full, low = data["variants"]["full_rank"], data["variants"]["cuttlefish"]
     (f,), (c,) = full["runs"], low["runs"]
     assert f["switch_step"] is None and c["switch_step"] == 8 and c["params"] < f["params"]
+    from dist_lowrank.train.config_file import load_train_config
+    from dist_lowrank.train.tasks import build_task
+
+    run_cfg, _ = load_train_config(TINY)  # the model the tool trained, built here: its size is the full run's
+    assert f["params"] == sum(p.numel() for p in build_task(run_cfg).model_fn().parameters())
     assert low["speedup_wall"] == pytest.approx(f["wall_s"] / c["wall_s"])
     assert low["tokens_ratio"] == pytest.approx(c["tokens_per_s"] / f["tokens_per_s"])
     assert low["val_loss_rel"] == pytest.approx(c["val_loss"] / f["val_loss"] - 1)

@@ -8,9 +8,10 @@ all-reduce (see telemetry.comm). Per optimizer step with fp32 parameters/gradien
 - DeepSpeed ZeRO-1/2 as deepspeed 0.19.8 runs here (gloo): gradients all-reduced, then the updated fp32
   partitions all-gathered into the flat buffer (padded to a multiple of p): 2(p−1)/p·b·ΣN + (p−1)/p·b·pad(ΣN).
 - DeepSpeed ZeRO-3: all-gathers of every (per-parameter padded) partition — once in the forward, and again
-  in the backward for whatever DeepSpeed's parameter trace released in between (so g ∈ [1, 2] gathers per
-  step; on the small test models here usually 1) — and a reduce-scatter of the gradients:
-  (g+1)(p−1)/p · b·Σ pad(N).
+  in the backward if DeepSpeed released it in between: it keeps a parameter whose next use lies within
+  `stage3_max_reuse_distance` elements (default 1e9), and a parameter's backward comes at most the model's
+  element count after its forward, so g = 1 gather per step when the model is within that distance, else 2
+  (`zero3_gathers`) — and a reduce-scatter of the gradients: (g+1)(p−1)/p · b·Σ pad(N).
 Frozen parameters (requires_grad False, e.g. InRank's W0) have no gradient, so they add nothing to
 all-reduces and reduce-scatters; but FSDP2 and ZeRO-3 shard them like the rest and all-gather them for
 the forward (and FSDP2 again for the backward, which needs them for the input gradient): their padded
@@ -53,6 +54,11 @@ def expected_step_bytes(backend: str, shapes: Iterable[tuple[int, ...]], world: 
         gathered = padded + sum(_ceil_to(math.prod(s), p) for s in frozen)
         return {"all_gather": zero3_gathers * frac * b * gathered, "reduce_scatter": frac * b * padded}
     raise ValueError(f"backend: got {backend!r}; allowed: ddp, fsdp2, zero1, zero2, zero3")
+
+
+def zero3_gathers(total_numel: int, max_reuse_distance: float = 1e9) -> int:
+    """All-gathers per parameter per ZeRO-3 step (see the module docstring): 1 within the reuse distance, else 2."""
+    return 1 if total_numel <= max_reuse_distance else 2
 
 
 def family(op: str) -> str:

@@ -89,6 +89,49 @@ def reference_run():
     return {"full_before": full_before, "out_after_switch": out_after_switch, "losses": losses, "final": final}
 
 
+def plain_torch_switch() -> dict:
+    """An oracle that shares no code with the plugin: the dense MLP trained in plain torch (AdamW, LambdaLR, the
+    global batches) to the switch, its Adam state, and the switched model's output computed with
+    torch.linalg.svd and the documented split (A = U√Σ, B = √ΣVᵀ at the plan's rank, each component's sign chosen
+    so the largest-|·| entry of U's column is positive; the layer computes x Bᵀ Aᵀ + b)."""
+    model = make_model()
+    optimizer = optimizer_factory(model.parameters())
+    scheduler = scheduler_factory(optimizer)
+    for step in range(PRE_STEPS):
+        optimizer.zero_grad()
+        loss_fn(model, global_batch(step)).backward()
+        optimizer.step()
+        scheduler.step()
+    params = dict(model.named_parameters())
+    state = {n: {k: optimizer.state[params[n]][k].detach().clone() for k in ("exp_avg", "exp_avg_sq")}
+             for n in UNTOUCHED}
+    h = fixed_input()
+    with torch.no_grad():
+        for index, layer in enumerate(model.net):
+            name = f"net.{index}"
+            if name in PLAN_RANKS:
+                r = PLAN_RANKS[name]
+                u, sigma, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
+                u, sigma, vh = u[:, :r], sigma[:r], vh[:r]
+                signs = torch.sign(u[u.abs().argmax(0), torch.arange(r)])
+                a, b = (u * signs * sigma.sqrt()).float(), (sigma.sqrt()[:, None] * vh * signs[:, None]).float()
+                h = (h @ b.T) @ a.T + layer.bias
+            else:
+                h = layer(h)
+    return {"dense": {n: p.detach().clone() for n, p in params.items()}, "state": state, "out": h}
+
+
+def assert_matches_plain_torch(result: dict, plain: dict, atol_out: float = 1e-5) -> None:
+    """A backend's run against `plain_torch_switch`: the dense weights before the switch, the untouched
+    parameters' Adam moments right after it, and the switched model's output."""
+    for name, tensor in plain["dense"].items():
+        assert torch.allclose(result["full_before"][name], tensor, atol=1e-6), name
+    for name, moments in plain["state"].items():
+        for key, value in moments.items():
+            assert torch.allclose(result["state_after"][name][key], value, atol=1e-7, rtol=1e-5), (name, key)
+    assert torch.allclose(result["out"], plain["out"], atol=atol_out)
+
+
 def factorized_reference_output(full_weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """The gathered pre-switch weights, factorized in one process with apply_rank_plan."""
     from dist_lowrank.surgery import apply_rank_plan

@@ -6,7 +6,8 @@ import torch
 
 from tests.distributed.ddp_workers import ddp_switch_worker
 from tests.distributed.fsdp_workers import assert_conv_switch, conv_switch_worker
-from tests.distributed.switch_common import PLAN_RANKS, UNTOUCHED, factorized_reference_output, reference_run
+from tests.distributed.switch_common import (assert_matches_plain_torch, plain_torch_switch, PLAN_RANKS,
+                                             UNTOUCHED, factorized_reference_output, reference_run)
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
@@ -15,12 +16,14 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 def test_ddp_switch_matches_reference_and_keeps_state():
     ranks = run_ranks(ddp_switch_worker, timeout=180)
     reference = reference_run()
+    plain = plain_torch_switch()  # shares no code with the plugin
     r0, r1 = ranks
     assert [(name, replicated) for name, _, replicated in r0["views"]] == [(n, True) for n in sorted(PLAN_RANKS)]
     for name, tensor in r0["full_before"].items():  # DDP on half batches == one process on the whole batch
         assert torch.allclose(tensor, reference["full_before"][name], atol=1e-6)
     expected_out = factorized_reference_output(r0["full_before"])
     for r in ranks:
+        assert_matches_plain_torch(r, plain)
         assert torch.allclose(r["out"], expected_out, atol=1e-5)
         for name in UNTOUCHED:
             for key in ("exp_avg", "exp_avg_sq", "step"):

@@ -9,6 +9,7 @@ import torch
 from dist_lowrank.surgery import apply_rank_plan
 from tests.distributed.ds_workers import CONV_RANKS, conv_input, ds_switch_worker, make_conv_model
 from tests.distributed.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, UNTOUCHED, assert_estimates,
+                                             assert_matches_plain_torch, plain_torch_switch,
                                              factorized_reference_output, reference_run)
 from tests.dist_harness import run_ranks
 
@@ -19,6 +20,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 def test_deepspeed_switch_matches_reference_and_keeps_state(stage):
     ranks = run_ranks(ds_switch_worker, args=(stage,), timeout=240)
     reference = reference_run()
+    plain = plain_torch_switch()  # shares no code with the plugin
     r0, r1 = ranks
     _check_views(ranks, r0["full_before"], stage)
     for name, tensor in r0["full_before"].items():
@@ -26,6 +28,7 @@ def test_deepspeed_switch_matches_reference_and_keeps_state(stage):
     assert_estimates(ranks, r0["full_before"], sharded=stage == 3, layout="flat")
     expected_out = factorized_reference_output(r0["full_before"])
     for r in ranks:
+        assert_matches_plain_torch(r, plain)
         assert torch.allclose(r["out"], expected_out, atol=1e-5)
         for name in UNTOUCHED:
             for key in ("fp32", "exp_avg", "exp_avg_sq"):

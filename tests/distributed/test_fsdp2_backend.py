@@ -6,7 +6,8 @@ import torch
 
 from tests.distributed.fsdp_workers import (CONV_PRE_STEPS, assert_conv_switch, conv_reference, conv_switch_worker,
                                            fsdp2_switch_worker, fsdp2_uneven_views_worker, uneven_model)
-from tests.distributed.switch_common import UNTOUCHED, assert_estimates, factorized_reference_output, reference_run
+from tests.distributed.switch_common import (assert_matches_plain_torch, plain_torch_switch, UNTOUCHED,
+                                             assert_estimates, factorized_reference_output, reference_run)
 from tests.dist_harness import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
@@ -15,6 +16,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 def test_fsdp2_switch_matches_reference_and_keeps_state():
     ranks = run_ranks(fsdp2_switch_worker, timeout=180)
     reference = reference_run()
+    plain = plain_torch_switch()  # shares no code with the plugin
     r0, r1 = ranks
     for (name, dims, _, _), (_, _, _, _) in zip(r0["views"], r1["views"]):  # row shards tile the weight
         pieces = sorted([(r["views"][i][2], r["views"][i][3]) for r in ranks for i, v in enumerate(r["views"])
@@ -26,6 +28,7 @@ def test_fsdp2_switch_matches_reference_and_keeps_state():
     assert_estimates(ranks, r0["full_before"], sharded=True)
     expected_out = factorized_reference_output(r0["full_before"])
     for r in ranks:
+        assert_matches_plain_torch(r, plain)
         assert r["all_dtensor"], "new parameters must be sharded like the rest"
         assert torch.allclose(r["out"], expected_out, atol=1e-5)
         for name in UNTOUCHED:

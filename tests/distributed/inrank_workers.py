@@ -23,13 +23,27 @@ def untouched_state(backend, name: str = "0.weight") -> dict:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
 
 
-def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
-    """Train STEPS steps; record decisions, whether each growth left the function unchanged, losses."""
+def _factors(backend, controller) -> dict:
+    """Every InRank layer's full U, V, Adam moments, width, rank and seed (replicated engines: DDP)."""
+    out = {}
+    for name in ("2", "4"):
+        layer = backend.unwrapped_model().get_submodule(name)
+        moments = {leaf: {k: v.detach().clone() for k, v in backend.optimizer.state[getattr(layer, leaf)].items()
+                          if k in ("exp_avg", "exp_avg_sq")} for leaf in ("u", "v")}
+        out[name] = {"u": layer.u.detach().clone(), "v": layer.v.detach().clone(), "width": layer.rank,
+                     "rank": controller.ranks.get(name), "seed": layer.seed, "moments": moments,
+                     "dims": (layer.out_features, layer.in_features)}
+    return out
+
+
+def run_inrank(backend, controller, rank: int, world: int, batch: int, capture: bool = False) -> dict:
+    """Train STEPS steps; record decisions, whether each growth left the function unchanged, losses; with
+    `capture`, the factors just before and after the first growth that reshards."""
     from examples.common import digits
 
     probe = torch.rand(5, 64, generator=torch.Generator().manual_seed(3))
     batches = digits(rank, world, batch=batch)
-    losses, unchanged, decisions, bitwise = [], [], [], []
+    losses, unchanged, decisions, bitwise, growth = [], [], [], [], None
     for step in range(1, STEPS + 1):
         x, y = next(batches)
         loss = F.cross_entropy(backend.model(x), y)
@@ -40,7 +54,11 @@ def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
             before = backend.model(probe).clone()
         check = controller.method.rule.is_check_step(step)
         state_before = untouched_state(backend) if check else None
+        snapshot = _factors(backend, controller) if capture and check and growth is None else None
         plan = controller.after_step(step, losses[-1])
+        if snapshot is not None and plan is not None and plan.kind == "grow" and plan.capacities:
+            growth = {"step": step, "ranks": dict(plan.ranks), "capacities": dict(plan.capacities),
+                      "before": snapshot, "after": _factors(backend, controller)}
         if plan is not None:
             with torch.no_grad():
                 unchanged.append(float((backend.model(probe) - before).abs().max()))
@@ -52,7 +70,7 @@ def run_inrank(backend, controller, rank: int, world: int, batch: int) -> dict:
     layers = {n: (type(m).__name__, getattr(m, "rank", None)) for n, m in backend.unwrapped_model().named_modules()
               if n in ("2", "4")}
     return {"losses": losses, "unchanged": unchanged, "decisions": decisions, "gram_bytes": spectra,
-            "layers": layers, "untouched_bitwise": bitwise}
+            "layers": layers, "untouched_bitwise": bitwise, "growth": growth}
 
 
 def config(fold: bool):
@@ -74,7 +92,7 @@ def ddp_inrank_worker(rank: int, world: int, fold: bool = False):
     backend = DDPBackend(to_inrank(mlp(), cfg), lambda p: torch.optim.AdamW(p, lr=3e-3))
     controller = LowRankController(backend, cfg)
     controller.start()
-    return run_inrank(backend, controller, rank, world, batch=32)
+    return run_inrank(backend, controller, rank, world, batch=32, capture=not fold)
 
 
 def reference_inrank(fold: bool = False) -> dict:

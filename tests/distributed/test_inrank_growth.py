@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.dist_harness import run_ranks
-from tests.distributed.inrank_workers import ddp_inrank_worker, reference_inrank
+from tests.distributed.inrank_workers import INRANK, ddp_inrank_worker, reference_inrank
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 
@@ -30,6 +31,40 @@ def test_ddp_inrank_growth_matches_reference():
         assert r["untouched_bitwise"] and all(r["untouched_bitwise"])  # other parameters' state bit for bit
         assert sum(r["losses"][-5:]) < sum(r["losses"][:5])
     assert_losses_follow(r0, r1, reference)
+    assert_growth_is_plain_torchs(r0["growth"])
+
+
+def explained(s: torch.Tensor, k: int) -> float:
+    """The InRank paper's g(k) = 1 − var(s − s[:k]) / var(s), population variances (written here, not imported)."""
+    residual = s.clone()
+    residual[:k] = 0
+    return 1.0 - float(residual.var(unbiased=False)) / float(s.var(unbiased=False))
+
+
+def assert_growth_is_plain_torchs(growth: dict) -> None:
+    """The first resharding growth against plain torch: each layer's new rank from the w singular values
+    (torch.linalg.svdvals) of its trained width-w U Vᵀ and g(k) > τ (first k in [r, r + buffer), else r + buffer; capped where r(m+n) < mn stops); the
+    grown U, V = the old block, zero U columns, V columns from the documented seeded draw (randn(n, c')/√n with
+    seed + c'); Adam moments = the old block and zeros."""
+    cfg = INRANK["inrank"]
+    assert growth is not None, "the run must grow with a reshard"
+    for name, old in growth["before"].items():
+        m, n = old["dims"]
+        w, r = old["width"], old["rank"]
+        s = torch.linalg.svdvals((old["u"][:, :w] @ old["v"][:, :w].T).double())[:w]  # the w a width-w product has
+        k = next((k for k in range(r, r + cfg["buffer"]) if explained(s, k) > cfg["tau"]), r + cfg["buffer"])
+        k = min(max(k, r), (m * n - 1) // (m + n))
+        assert growth["ranks"].get(name, r) == k, (name, growth["ranks"], k)
+        if name not in growth["capacities"]:
+            continue
+        new, c, c2 = growth["after"][name], old["u"].shape[1], growth["capacities"][name]
+        assert new["u"].shape == (m, c2) and torch.equal(new["u"][:, :c], old["u"]) and new["u"][:, c:].abs().max() == 0
+        draw = torch.randn(n, c2, generator=torch.Generator().manual_seed(old["seed"] + c2)) / n ** 0.5
+        assert torch.equal(new["v"][:, :c], old["v"]) and torch.allclose(new["v"][:, c:], draw[:, c:], atol=1e-7)
+        for leaf in ("u", "v"):
+            for key, value in old["moments"][leaf].items():
+                grown = new["moments"][leaf][key]
+                assert torch.equal(grown[:, :c], value) and grown[:, c:].abs().max() == 0, (name, leaf, key)
 
 
 # ZeRO-1 grows through the same DeepSpeedBackend code as ZeRO-2 (only ZeRO-3 branches); its switch is tested in

@@ -18,8 +18,9 @@ from dist_lowrank.methods.cuttlefish.config import CuttlefishConfig
 from dist_lowrank.methods.fixed.config import FixedConfig
 from dist_lowrank.methods.dlrt.config import DLRTConfig
 from dist_lowrank.methods.inrank.config import InRankConfig
+from dist_lowrank.methods.tensor.config import TensorConfig
 
-__all__ = ["LowRankConfig", "MonitorConfig", "CuttlefishConfig", "InRankConfig", "DLRTConfig", "FixedConfig", "SwitchConfig",
+__all__ = ["LowRankConfig", "MonitorConfig", "CuttlefishConfig", "InRankConfig", "DLRTConfig", "TensorConfig", "FixedConfig", "SwitchConfig",
            "LoggingConfig", "config_from_dict", "config_to_dict", "load_config", "from_ds_config", "config_digest",
            "changed_keys", "apply_overrides", "describe_schema", "schema_markdown"]
 
@@ -95,9 +96,9 @@ class LoggingConfig:
 class LowRankConfig:
     """The whole `lowrank` section."""
 
-    strategy: Literal["cuttlefish", "inrank", "dlrt", "fixed", "none"] = _help(
-        "cuttlefish (automatic switch), inrank (rank growth), dlrt (rank-adaptive integrator), fixed (ratio "
-        "baseline), none (full rank)",
+    strategy: Literal["cuttlefish", "inrank", "dlrt", "tensor", "fixed", "none"] = _help(
+        "cuttlefish (automatic switch), inrank (rank growth), dlrt (rank-adaptive integrator), tensor (tensorized "
+        "layers with Bayesian rank pruning), fixed (ratio baseline), none (full rank)",
         default="cuttlefish",
     )
     target_modules: Union[list[str], str] = _help(
@@ -112,6 +113,7 @@ class LowRankConfig:
     cuttlefish: CuttlefishConfig = _help("Cuttlefish strategy", default_factory=CuttlefishConfig)
     inrank: InRankConfig = _help("InRank strategy", default_factory=InRankConfig)
     dlrt: DLRTConfig = _help("DLRT strategy", default_factory=DLRTConfig)
+    tensor: TensorConfig = _help("tensorized layers with Bayesian rank pruning", default_factory=TensorConfig)
     fixed: FixedConfig = _help("fixed-ratio baseline", default_factory=FixedConfig)
     switch: SwitchConfig = _help("switch execution", default_factory=SwitchConfig)
     logging: LoggingConfig = _help("logging", default_factory=LoggingConfig)

@@ -146,8 +146,14 @@ class LowRankController:
 
     # -- around backward ---------------------------------------------------------------------------------
     def regularize(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss with the method's penalty where the engine owns the gradients (ZeRO); call before backward."""
-        if self.method is None or not self.backend.owns_gradients:
+        """The loss with the method's term from the forward (every engine) and its penalty where the engine owns
+        the gradients (ZeRO); call before backward."""
+        if self.method is None:
+            return loss
+        term = self.method.loss_term(self.backend.unwrapped_model())
+        if term is not None:
+            loss = loss + term.to(loss.dtype)
+        if not self.backend.owns_gradients:
             return loss
         return self.method.regularize(loss, self.backend.unwrapped_model())
 

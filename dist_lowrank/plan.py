@@ -21,6 +21,7 @@ class Plan:
     floors: layer name -> the lowest rank the strategy accepts for quality (a speed search may go down to it).
     factor_moments / lr_scale: how the new factors enter the optimizer ("zero" | "projected"; their lr
     relative to their layer's group) — the same for every backend.
+    keep: layer name -> per rank group, the slots that stay (kinds that remove chosen slices, e.g. "prune").
     """
 
     kind: str
@@ -31,6 +32,7 @@ class Plan:
     floors: dict[str, int] = field(default_factory=dict)
     factor_moments: str = "zero"
     lr_scale: float = 1.0
+    keep: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, so equal plans give equal bytes on every rank."""

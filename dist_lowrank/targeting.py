@@ -93,7 +93,8 @@ def _tie_error(key: str, pattern: str, name: str, tie: str) -> ConfigError:
 
 
 def select_targets(model: nn.Module, target_modules: Patterns, exclude_modules: Patterns = None,
-                   key: str = "lowrank.target_modules") -> dict[str, nn.Module]:
+                   key: str = "lowrank.target_modules",
+                   candidates: Optional[dict[str, nn.Module]] = None) -> dict[str, nn.Module]:
     """Ordered {name: module} (module order) of candidate layers matched by the targets and not excluded.
 
     Every list entry (or the regex) must match at least one candidate: a pattern that matches nothing is
@@ -107,7 +108,7 @@ def select_targets(model: nn.Module, target_modules: Patterns, exclude_modules: 
     exclude_key = key.rsplit(".", 1)[0] + ".exclude_modules"
     if isinstance(exclude_modules, str):
         _check_regex(exclude_modules, exclude_key)
-    candidates = candidate_layers(model)
+    candidates = candidate_layers(model) if candidates is None else candidates  # a method may widen the set
     if isinstance(target_modules, str):
         _check_regex(target_modules, key)
         if not any(_matches(n, target_modules) for n in candidates):

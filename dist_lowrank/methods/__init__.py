@@ -22,6 +22,7 @@ METHODS = {
     "fixed": "dist_lowrank.methods.fixed.method:FixedMethod",
     "inrank": "dist_lowrank.methods.inrank.method:InRankMethod",
     "dlrt": "dist_lowrank.methods.dlrt.method:DLRTMethod",
+    "tensor": "dist_lowrank.methods.tensor.method:TensorMethod",
 }
 
 

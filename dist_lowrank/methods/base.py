@@ -115,6 +115,11 @@ class Method(ABC):
         return {"ranks": dict(plan.ranks), "measurements": measurements}
 
     # -- around backward ---------------------------------------------------------------------------------
+    def loss_term(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """A term the method's layers computed in the last forward (where every engine holds whole parameters),
+        added to the loss on every engine; default: none."""
+        return None
+
     def regularize(self, loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
         """The loss with the method's penalty (engines that own the gradients); default: unchanged."""
         return loss

@@ -46,7 +46,7 @@ BAD = [
     ({"target_modules": 3}, "lowrank.target_modules", "allowed: list of str | str"),
     ({"target_modules": ["a", 2]}, "lowrank.target_modules[1]", "got 2 (int); allowed: str"),
     ({"exclude_modules": {"a": 1}}, "lowrank.exclude_modules", "allowed: list of str | str | null"),
-    ({"strategy": "svd"}, "lowrank.strategy", "allowed: 'cuttlefish' | 'inrank' | 'dlrt' | 'fixed' | 'none'"),
+    ({"strategy": "svd"}, "lowrank.strategy", "allowed: 'cuttlefish' | 'inrank' | 'dlrt' | 'tensor' | 'fixed' | 'none'"),
     ({"strategy": "Inrank"}, "lowrank.strategy", "did you mean 'inrank'"),
     ({"monitor": {"method": True}}, "lowrank.monitor.method", "'lanczos'"),
     ({"inrank": [1]}, "lowrank.inrank", "allowed: a mapping of InRankConfig keys"),

@@ -1,0 +1,1 @@
+"""Tensorized layers (CP, Tucker, TT, TT-matrix) with Bayesian rank pruning (Hawkins, Liu & Zhang)."""

@@ -17,8 +17,9 @@ from dist_lowrank.config_io import Range, ge
 class RunConfig:
     """Training-job settings (the plugin's own settings live in the `lowrank` section)."""
 
-    task: Literal["fmnist_cnn", "fmnist_mlp", "fmnist_lenet", "shakespeare_gpt"] = _help(
-        "model + data: VGG-style CNN, the 784-500-300-100-10 MLP or LeNet-5 on Fashion-MNIST, or GPT on Shakespeare",
+    task: Literal["fmnist_cnn", "fmnist_mlp", "fmnist_lenet", "fmnist_mlp512", "shakespeare_gpt"] = _help(
+        "model + data: VGG-style CNN, the 784-500-300-100-10 MLP, LeNet-5 or the 784-512-10 MLP on Fashion-MNIST, or "
+        "GPT on Shakespeare",
         default="fmnist_cnn")
     backend: Literal["local", "ddp", "fsdp2", "deepspeed"] = _help("local = one process, no wrapper", default="local")
     zero_stage: int = _help("DeepSpeed ZeRO stage (1, 2 or 3)", default=2)

@@ -56,6 +56,12 @@ def fmnist_mlp(run: RunConfig) -> Task:
     return _fmnist(run, "fmnist_mlp", model)
 
 
+def fmnist_mlp512(run: RunConfig) -> Task:
+    """The Bayesian tensor paper's MNIST model, 784-512-10 with ReLU, on Fashion-MNIST (images flattened)."""
+    return _fmnist(run, "fmnist_mlp512", lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(),
+                                                              nn.Linear(512, 10)))
+
+
 def _fmnist(run: RunConfig, name: str, model_fn: Callable[[], nn.Module]) -> Task:
     """A classifier on Fashion-MNIST: the train split for training, the real test split for validation."""
     from dist_lowrank.data.fashion_mnist import load_fashion_mnist
@@ -185,7 +191,8 @@ def ood_windows(run: RunConfig, tokenizer, count: int) -> tuple[torch.Tensor, to
 
 def build_task(run: RunConfig) -> Task:
     """The task named in the run config."""
-    builders = {"fmnist_cnn": fmnist_cnn, "fmnist_mlp": fmnist_mlp, "fmnist_lenet": fmnist_lenet, "shakespeare_gpt": shakespeare_gpt}
+    builders = {"fmnist_cnn": fmnist_cnn, "fmnist_mlp": fmnist_mlp, "fmnist_lenet": fmnist_lenet,
+                "fmnist_mlp512": fmnist_mlp512, "shakespeare_gpt": shakespeare_gpt}
     if run.task not in builders:
         from dist_lowrank.errors import ConfigError
 

@@ -73,6 +73,8 @@ class LowRankDeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor, *args, **kwargs):
         self._micro_losses.append(float(loss.detach().float()))
+        if self._controller is not None:  # the method's terms (a rank prior, Frobenius decay) join the user's loss
+            loss = self._controller.regularize(loss)
         self._backend.note_backward()
         return self.engine.backward(loss, *args, **kwargs)
 

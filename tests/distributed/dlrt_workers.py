@@ -138,21 +138,13 @@ def hf_dlrt_worker(rank: int, world: int) -> dict:
     call `dist_lowrank.deepspeed_api.initialize` with bf16, ZeRO-2, gradient accumulation, AdamW with two param
     groups (decay on matrices only) and a LambdaLR scheduler; the loop is DeepSpeed's."""
     import dist_lowrank
-    import dist_lowrank.deepspeed_api as lowrank_ds
     from dist_lowrank.device import default_device
     from dist_lowrank.methods.dlrt.model import dlrt_layers
     from examples.hf_common import batches, gpt2, lm_loss
+    from tests.distributed.hf_workers import users_deepspeed_engine
 
-    net = dist_lowrank.prepare_model(gpt2(), HF_LOWRANK)
-    decay = [p for n, p in net.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in net.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                  lr=3e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, hf_lr_factor)
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": HF_ACCUMULATION,
-              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
-              "lowrank": HF_LOWRANK}
-    engine, _, _, _ = lowrank_ds.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    engine = users_deepspeed_engine(dist_lowrank.prepare_model(gpt2(), HF_LOWRANK), HF_LOWRANK, hf_lr_factor,
+                                    HF_ACCUMULATION)
     data = batches(rank, world, batch=4, device=default_device())
     losses, trajectory, lrs = [], [], []
     for micro in range(1, HF_STEPS * HF_ACCUMULATION + 1):

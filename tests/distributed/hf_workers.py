@@ -254,3 +254,21 @@ def checkpointing_pairs_deepspeed(rank: int, world: int, stage: int, lowranks: d
                                                              checkpointing=checkpointing), keep_dense=not checkpointing)
     return out
 
+
+def users_deepspeed_engine(net: nn.Module, lowrank: dict, lr_factor, accumulation: int):
+    """The user's own set-up around an HF model (what the user-script tests share): AdamW with two param groups
+    (decay on matrices only), a LambdaLR, then the one changed call `dist_lowrank.deepspeed_api.initialize` with
+    bf16, ZeRO-2 and gradient accumulation."""
+    import dist_lowrank.deepspeed_api as lowrank_ds
+
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    rest = [p for p in net.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accumulation,
+              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+              "lowrank": lowrank}
+    engine, _, _, _ = lowrank_ds.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+

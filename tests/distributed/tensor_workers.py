@@ -38,7 +38,7 @@ def tensor_worker(rank: int, world: int, kind: str, fmt: str) -> dict:
     from tests.distributed.shrink_workers import make_backend, read_full
 
     torch.manual_seed(0)
-    # DeepSpeed clips gradients at 1.0 unless told otherwise (its default since 0.1x); the prior's term makes
+    # DeepSpeed clips gradients at norm 1.0 unless told otherwise (deepspeed 0.19.8 default); the prior's term makes
     # the gradient larger than that here, and the one-process reference does not clip
     backend = make_backend(kind, world, lambda: tensor_model(fmt), adam,
                            {"zero_allow_untested_optimizer": True, "gradient_clipping": 0.0})
@@ -73,3 +73,47 @@ def tensor_worker(rank: int, world: int, kind: str, fmt: str) -> dict:
             "specs_before": specs_before, "measured": measured,
             "scale_bytes": method.scale_bytes,
             "events": [e for e in controller.events if e["event"] in ("rank_update", "prune")]}
+
+
+HF_STEPS, HF_ACCUMULATION, HF_PRUNE = 6, 2, 4
+HF_LOWRANK = {"strategy": "tensor", "target_modules": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+              "tensor": {"format": "ttm", "init_rank": 6, "min_rank": 5, "kl_mult": 1e-4, "threshold": 1e9,
+                         "prune_every": HF_PRUNE, "prune_after": HF_PRUNE}}
+
+
+def hf_lr_factor(step: int) -> float:
+    return min(1.0, (step + 1) / 3)
+
+
+def hf_tensor_worker(rank: int, world: int) -> dict:
+    """The user's own script: transformers' Llama (its MLP's Linear layers tensorized by prepare_model), then the
+    one changed call `dist_lowrank.deepspeed_api.initialize` with bf16, ZeRO-2, gradient accumulation, AdamW with
+    two param groups and a LambdaLR scheduler; the loop is DeepSpeed's."""
+    import dist_lowrank
+    from dist_lowrank.device import default_device
+    from dist_lowrank.methods.tensor.model import tensor_layers
+    from examples.hf_common import batches, llama, lm_loss
+    from tests.distributed.hf_workers import users_deepspeed_engine
+
+    engine = users_deepspeed_engine(dist_lowrank.prepare_model(llama(), HF_LOWRANK), HF_LOWRANK, hf_lr_factor,
+                                    HF_ACCUMULATION)
+    data = batches(rank, world, batch=4, device=default_device())
+    losses, taken, slots = [], [], []
+    for micro in range(1, HF_STEPS * HF_ACCUMULATION + 1):
+        loss = lm_loss(engine, next(data))
+        armed = [m.penalty is not None for m in tensor_layers(engine.module).values()]
+        engine.backward(loss)
+        taken.append((armed, [m.penalty is None for m in tensor_layers(engine.module).values()]))
+        engine.step()
+        losses.append(float(loss.detach()))
+        if micro % HF_ACCUMULATION == 0:
+            slots.append({n: list(m.spec.ranks) for n, m in tensor_layers(engine.module).items()})
+    layers = tensor_layers(engine.module)
+    matrices = {n: m.weight_matrix().detach().float().cpu() for n, m in layers.items()}
+    probe = next(batches(0, 1, batch=2, seed=5, device=default_device()))
+    with torch.no_grad():
+        logits = engine.module(input_ids=probe).logits.float().cpu()
+    return {"losses": losses, "taken": taken, "slots": slots, "matrices": matrices, "probe": probe.cpu(),
+            "logits": logits, "weight": engine.controller.method.weight,
+            "dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}),
+            "state": {n: p.detach().float().cpu() for n, p in engine.module.state_dict().items()}}

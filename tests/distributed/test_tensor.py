@@ -28,7 +28,7 @@ def _slice(value: torch.Tensor, index) -> torch.Tensor:
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_two_ranks_equal_one_process_through_a_prune(kind: str) -> None:
     fmt = CASES[kind]
-    (ref,) = run_ranks(tensor_worker, world=1, timeout=120, args=("local", fmt))
+    ref = tensor_worker(0, 1, "local", fmt)  # one process, here (LocalBackend needs no process group)
     results = run_ranks(tensor_worker, world=2, timeout=240, args=(kind, fmt))
     # a decision, not a tie: at the prune step every group's smallest λ is clearly below its next one
     at_prune = ref["measured"][PRUNE_STEP]
@@ -73,3 +73,34 @@ def test_two_ranks_equal_one_process_through_a_prune(kind: str) -> None:
             assert new.keys() == want.keys()
             for key in want:
                 assert torch.equal(new[key], want[key]), (name, key)
+
+
+def test_the_users_own_hf_script_with_bf16_groups_scheduler_and_accumulation() -> None:
+    """transformers' Llama with its MLP in TT-matrix form through `deepspeed_api.initialize` (bf16, ZeRO-2, 2 AdamW
+    groups, LambdaLR, accumulation 2): every micro-batch's forward computes the prior's term and the proxy's
+    backward takes it into the loss; the prune at step 4 happens on both ranks alike; the model's output equals a
+    plain-torch Llama whose MLP weights are the reconstructed matrices."""
+    from torch import nn
+
+    from examples.hf_common import llama
+    from tests.distributed.tensor_workers import HF_ACCUMULATION, HF_PRUNE, HF_STEPS, hf_tensor_worker
+
+    r0, r1 = run_ranks(hf_tensor_worker, world=2, timeout=280)
+    assert r0["slots"] == r1["slots"] and len(r0["slots"]) == HF_STEPS
+    before, after = r0["slots"][HF_PRUNE - 2], r0["slots"][HF_PRUNE - 1]
+    assert all(sum(after[n]) == sum(before[n]) - len(before[n]) for n in before)  # each bond lost one slot
+    assert r0["dtypes"] == ["torch.bfloat16"] and r0["weight"] == pytest.approx(1e-4)
+    # after step 0 the prior is on: each forward computes its term, each backward takes it (none left over)
+    for armed, taken in r0["taken"][HF_ACCUMULATION:]:
+        assert all(armed) and all(taken)
+    plain = llama()
+    state = {k: v for k, v in r0["state"].items() if ".core_" not in k}
+    for name, matrix in r0["matrices"].items():
+        state[f"{name}.weight"] = matrix
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    assert all(isinstance(plain.get_submodule(n), nn.Linear) for n in r0["matrices"])
+    with torch.no_grad():
+        expected = plain.to(torch.bfloat16)(input_ids=r0["probe"]).logits.float()
+    assert (expected - r0["logits"]).abs().max() < 0.05 * expected.abs().max()
+    assert sum(r0["losses"][-4:]) < sum(r0["losses"][:4])

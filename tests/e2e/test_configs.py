@@ -31,6 +31,7 @@ SHRINK = {
                    "run.eval_samples=200"],
     "fmnist_mlp": ["run.batch_size=8", "run.limit_train=512", "run.eval_samples=200"],
     "fmnist_lenet": ["run.batch_size=8", "run.limit_train=512", "run.eval_samples=200"],
+    "fmnist_mlp512": ["run.batch_size=8", "run.limit_train=512", "run.eval_samples=200"],
 }
 STRATEGY = {
     "cuttlefish": ["lowrank.monitor.cadence_steps=2", "lowrank.cuttlefish.min_switch_step=0",
@@ -38,6 +39,9 @@ STRATEGY = {
                    "lowrank.cuttlefish.rank_rule=raw"],  # at width 32 the scaled rule saves nothing
     "inrank": ["lowrank.inrank.warmup=2", "lowrank.inrank.gap=2"],
     "dlrt": ["lowrank.dlrt.init_rank=8"],
+    "tensor": ["lowrank.tensor.init_rank=4", "lowrank.tensor.no_kl_steps=0", "lowrank.tensor.warmup=0",
+               "lowrank.tensor.prune_after=3", "lowrank.tensor.prune_every=3", "lowrank.tensor.threshold=1e9",
+               "lowrank.tensor.min_rank=3"],  # a prune at step 3 (every bond loses its smallest-λ slot)
     "none": [],
 }
 

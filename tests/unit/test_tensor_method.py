@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.config_io import dataclass_from_dict
@@ -18,6 +17,7 @@ from dist_lowrank.errors import ConfigError
 from dist_lowrank.methods.tensor import formats
 from dist_lowrank.methods.tensor.config import TensorConfig
 from dist_lowrank.methods.tensor.prior import em_scales, kl_weight, penalty, slice_weights
+from tests.distributed.switch_common import MLP
 
 pytestmark = pytest.mark.unit
 
@@ -75,16 +75,6 @@ def test_prior_term_is_a_per_slice_decay() -> None:
 def _cfg(**tensor) -> LowRankConfig:
     return dataclass_from_dict(LowRankConfig, {"strategy": "tensor", "target_modules": ["net.2", "net.4"],
                                                "tensor": {"format": "ttm", "init_rank": 4, **tensor}}, "lowrank")
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(12, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 36),
-                                 nn.Tanh(), nn.Linear(36, 3))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def _method(cfg: LowRankConfig):

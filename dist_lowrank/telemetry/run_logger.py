@@ -80,6 +80,10 @@ class RunLogger:
                 add(f"lowrank/capacity/{name}", capacity, step)
             if record.get("integrator_bytes") is not None:
                 add("comm/bytes_per_step/integrator", record["integrator_bytes"], step)
+        elif record.get("event") == "prior":  # a method with a prior over rank slots, every step
+            add("lowrank/kl_weight", record["kl_weight"], step)
+            for name, rank in record["effective_ranks"].items():
+                add(f"lowrank/effective_rank/{name}", rank, step)
         elif record.get("event") in ("switch", "grow", "fix"):
             for name, rank in record["ranks"].items():
                 add(f"lowrank/rank/{name}", rank, step)

@@ -113,10 +113,16 @@ def test_em_through_the_controller_and_a_prune_that_keeps_the_masked_function() 
         backend.backward(loss)
         backend.step()
         controller.after_step(step, float(loss.detach()))
+        effective = {}
         for name, layer in method.targets.items():
-            for lam, m, d in zip(method.scales[name], formats.slice_sums(layer.spec, layer.cores),
-                                 formats.slice_counts(layer.spec)):
-                torch.testing.assert_close(lam, m.double() / (d + 1), rtol=1e-6, atol=0)
+            closed = [m.double() / (d + 1) for m, d in zip(formats.slice_sums(layer.spec, layer.cores),
+                                                           formats.slice_counts(layer.spec))]
+            for lam, want in zip(method.scales[name], closed):
+                torch.testing.assert_close(lam, want, rtol=1e-6, atol=0)
+            effective[name] = sum(int((want >= cfg.tensor.threshold).sum()) for want in closed)
+        # the step's `prior` event: its weight and, per layer, the slots a prune would keep now
+        (prior,) = [e for e in controller.events if e["event"] == "prior" and e["step"] == step]
+        assert prior["effective_ranks"] == effective and prior["kl_weight"] == method.weight
     # the prior's term was in the loss: Adam moved the cores by its decay too (weight > 0 after step 0)
     assert method.weight == pytest.approx(1e-2)
     # step 4: threshold between the 2nd and 3rd smallest λ of net.2's bond -> 2 of its slots go

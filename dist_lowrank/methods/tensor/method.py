@@ -7,7 +7,9 @@ The sums come from the pieces of each core this rank holds (`engine.param_views`
 ZeRO-1/2, row shards on FSDP2, flat partitions on ZeRO-3): replicas need no communication; sharded engines sum
 all layers' small vectors in one all-reduce. λ is then the same on every rank, so the prune plan is too (the
 coordinator checks it). A `rank_update` event (slots per layer, their total as the layer's rank, parameters)
-starts the run and follows every prune, so the report and TensorBoard draw each layer's trajectory.
+starts the run and follows every prune, so the report and TensorBoard draw each layer's trajectory; a `prior`
+event every step gives the prior's weight and each layer's effective rank (its slots with λ ≥ threshold, the rank
+the next prune would keep), so the run shows where λ is heading between prunes.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ class TensorMethod(Method):
                  finished: bool = False) -> None:
         super().__init__(cfg, targets, dims)
         self.finished = finished
-        self.specs = {n: m.spec for n, m in targets.items()}
         self.ranks = {n: sum(s.ranks) for n, s in self.specs.items()}
         self.scales: dict[str, list[torch.Tensor]] = {}  # layer -> per rank group, λ (fp64, equal on every rank)
         self.scale_bytes = 0      # this rank's payload in the last λ all-reduce (0 where weights are replicated)
@@ -43,6 +44,11 @@ class TensorMethod(Method):
         self.step = 0             # the optimizer step of the last update
         self._engine: Any = None  # the engine of the last update (its model after a reshard)
         self._emit = lambda event: None
+
+    @property
+    def specs(self) -> dict[str, formats.TensorSpec]:
+        """Each target's current format, modes and ranks (the layers hold them; a prune replaces the layers)."""
+        return {n: m.spec for n, m in self.targets.items()}
 
     @classmethod
     def create(cls, cfg, engine: Any, steps_per_epoch: Optional[int] = None, finished: bool = False) -> "TensorMethod":
@@ -94,34 +100,38 @@ class TensorMethod(Method):
         stepsize = self.cfg.tensor.em_stepsize
         self.scales = {n: [damped(old, lam, stepsize) for old, lam in zip(self.scales[n], new[n])] for n in new}
         self._arm(step)
+        self._emit({"event": "prior", "step": step, "kl_weight": self.weight,
+                    "effective_ranks": {n: sum(int((lam >= self.cfg.tensor.threshold).sum()) for lam in groups)
+                                        for n, groups in sorted(self.scales.items())}})
 
     def _slice_sums(self, probe: Probe) -> dict[str, list[torch.Tensor]]:
         """Per layer and rank group, Σ of squared entries of each slot's prior slices, over the whole cores:
-        computed from this rank's pieces, summed over ranks in one all-reduce where the cores are sharded."""
-        layers = tensor_layers(probe.engine.unwrapped_model())
+        computed from this rank's pieces on their device, summed over ranks in one all-reduce where the cores are
+        sharded, and brought to the host once (one sync per step, not one per core)."""
         names = sorted(self.targets)
-        params = [f"{n}.core_{i}" for n in names for i in range(len(layers[n].cores))]
+        params = [f"{n}.core_{i}" for n in names for i in range(len(self.targets[n].cores))]
         views = dict(zip(params, probe.engine.param_views(params)))
-        sums: dict[str, list[torch.Tensor]] = {}
+        flat: list[torch.Tensor] = []
+        sizes: dict[str, int] = {}
         for name in names:
-            spec = layers[name].spec
+            spec = self.targets[name].spec
             shapes = formats.core_shapes(spec)
-            sums[name] = []
-            for group in formats.rank_groups(spec):
-                total = torch.zeros(group.size, dtype=torch.float64)
+            groups = formats.rank_groups(spec)
+            sizes[name] = len(groups)
+            for group in groups:
+                pieces = []
                 for core, dim in group.prior:
                     view = views[f"{name}.core_{core}"]
-                    total += formats.flat_slice_sums(shapes[core], dim, view.flat_offset, view.local_flat,
-                                                     group.size).double().cpu()
-                sums[name].append(total)
-        flat = [t for name in names for t in sums[name]]
+                    pieces.append(formats.flat_slice_sums(shapes[core], dim, view.flat_offset, view.local_flat,
+                                                          group.size).double())
+                flat.append(torch.stack(pieces).sum(0))
         self.scale_bytes = 0
         if any(not v.replicated for v in views.values()):
             flat = probe.coordinator.sum_tensors(flat)
             self.scale_bytes = 8 * sum(t.numel() for t in flat)
-            it = iter(flat)
-            sums = {name: [next(it) for _ in sums[name]] for name in names}
-        return sums
+        host = torch.cat(flat).cpu().split([t.numel() for t in flat]) if flat else ()
+        it = iter(host)
+        return {name: [next(it) for _ in range(sizes[name])] for name in names}
 
     def _em(self, sums: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
         t = self.cfg.tensor
@@ -138,7 +148,7 @@ class TensorMethod(Method):
     def loss_term(self, model: nn.Module) -> Optional[torch.Tensor]:
         """The prior's terms of the last forward, taken from the layers (each forward's term enters one loss)."""
         terms = []
-        for layer in tensor_layers(model).values():
+        for layer in self.targets.values():
             if layer.penalty is not None:
                 terms.append(layer.penalty)
                 layer.penalty = None
@@ -171,9 +181,8 @@ class TensorMethod(Method):
         layers = tensor_layers(self._engine.unwrapped_model())
         for name, kept in plan.keep.items():
             self.scales[name] = [lam[torch.tensor(k, dtype=torch.long)] for lam, k in zip(self.scales[name], kept)]
-            self.specs[name] = layers[name].spec
-            self.ranks[name] = sum(self.specs[name].ranks)
         self.targets = {n: layers[n] for n in self.targets}
+        self.ranks = {n: sum(s.ranks) for n, s in self.specs.items()}
         self._arm(plan.step)
         self._log_ranks(plan.step)
         return {"ranks": dict(plan.ranks), "slots": {n: list(self.specs[n].ranks) for n in plan.keep},

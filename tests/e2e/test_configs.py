@@ -1,4 +1,5 @@
-"""Every config in configs/ is validated and smoke-run through the real `dist-lowrank train` command.
+"""Every config in configs/ is validated and smoke-run through the real `dist-lowrank train` command (or, where
+another test already runs the same path through it, named in RUN_ELSEWHERE).
 
 Each run is shrunk by overrides (tiny model, a few steps, a forced early switch) and started exactly as a
 user would start it: the CLI spawns the config's world size of gloo ranks. Its decisions and first logged
@@ -22,6 +23,16 @@ from dist_lowrank.train.loop import train
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# Configs whose path (task, engine, strategy through the CLI) another test already runs: validated here, not
+# smoke-run twice (one case per path keeps the suite short). The value names the test that runs it.
+RUN_ELSEWHERE = {
+    "demo": "tests/unit/test_training.py (the same config, 160 steps, against its full-rank run)",
+    "dlrt_mlp_fmnist": "tests/distributed/test_dlrt_resume.py (through the CLI on 2 ranks)",
+    "gpt_shakespeare_fullrank": "tests/unit/test_bench_tools.py::test_bench_end_to_end_tiny (full rank through the "
+                                "CLI on ZeRO-2) and test_baseline_is_the_main_job_without_lowrank",
+    "tensor_mlp_fmnist": "tests/distributed/test_tensor_resume.py (through the CLI on 2 ranks)",
+}
+SMOKE = [p for p in CONFIGS if p.stem not in RUN_ELSEWHERE]
 CLI = Path(sys.executable).parent / "dist-lowrank"
 
 SHRINK = {
@@ -78,7 +89,11 @@ def test_baseline_is_the_main_job_without_lowrank():
     assert base["lowrank"]["strategy"] == "none"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_configs_run_elsewhere_exist():
+    assert set(RUN_ELSEWHERE) <= {p.stem for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", SMOKE, ids=[p.stem for p in SMOKE])
 def test_config_smoke_run_matches_one_process(path: Path, tmp_path: Path):
     out, ref_out = tmp_path / "run", tmp_path / "ref"
     run, lowrank = load_train_config(path)

@@ -59,9 +59,7 @@ class Coordinator:
         """The mean of `tensor` over the ranks (the average the engines take of gradients)."""
         if not is_distributed():
             return tensor
-        buf = tensor.detach().to(comm_device()).contiguous()
-        dist.all_reduce(buf, group=self.group)
-        return (buf / self.world_size).to(tensor.device)
+        return self.sum_tensors([tensor])[0] / self.world_size
 
     def sum_tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each tensor summed over the ranks, in one all-reduce of their concatenation (small products of row

@@ -51,15 +51,23 @@ def orthonormal_columns(blocks: list[torch.Tensor], widths: list[int], reduce: R
         keep = min(width, int((values > GRAM_TOL * top).sum())) if top > 0 else 0
         firsts.append(block @ (vectors[:, :keep] / values[:keep].sqrt()))
         kept.append(keep)
-    grams = reduce([q.T @ q for q in firsts])
     out = []
-    for q, gram, keep, width, block in zip(firsts, grams, kept, widths, blocks):
-        if keep:
-            lower = torch.linalg.cholesky(gram)  # QᵀQ = L Lᵀ, well conditioned after the first pass
-            q = torch.linalg.solve_triangular(lower, q.T, upper=False).T
+    for q, keep, width, block in zip(_cholesky_qr(firsts, reduce), kept, widths, blocks):
         padded = q.new_zeros(q.shape[0], width)
         padded[:, :keep] = q
         out.append(padded.to(block.dtype))
+    return out
+
+
+def _cholesky_qr(wide: list[torch.Tensor], reduce: Reduce) -> list[torch.Tensor]:
+    """One Cholesky QR pass over row-sharded fp64 blocks: B = Q Lᵀ with BᵀB = L Lᵀ (the Gram summed over the
+    blocks in one reduce); Q stays next to B. A block without columns stays as it is."""
+    out = []
+    for block, gram in zip(wide, reduce([b.T @ b for b in wide])):
+        if block.shape[1]:
+            lower = torch.linalg.cholesky(gram)
+            block = torch.linalg.solve_triangular(lower, block.T, upper=False).T
+        out.append(block)
     return out
 
 
@@ -75,8 +83,4 @@ def reorthonormalize(blocks: list[torch.Tensor], reduce: Reduce) -> list[torch.T
     """Row blocks of nearly orthonormal bases (stored in half precision) made orthonormal in fp64 by one Cholesky
     QR (B = Q Lᵀ with BᵀB = L Lᵀ, summed): Q stays next to B, as integrator.reorthonormalize's."""
     wide = [b.to(torch.float64) for b in blocks]
-    out = []
-    for block, gram, original in zip(wide, reduce([b.T @ b for b in wide]), blocks):
-        lower = torch.linalg.cholesky(gram)
-        out.append(torch.linalg.solve_triangular(lower, block.T, upper=False).T.to(original.dtype))
-    return out
+    return [q.to(original.dtype) for q, original in zip(_cholesky_qr(wide, reduce), blocks)]

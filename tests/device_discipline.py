@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 ACCEL, HOST = "accel", "host"
 _THIS = os.path.abspath(__file__)
-_ENGINE_PARTS = ("/deepspeed/", "/torch/distributed/", "/torch/optim/", "/torch/nn/parallel/")
+_ENGINE_PARTS = ("/deepspeed/", "/torch/distributed/", "/torch/optim/", "/torch/nn/parallel/", "/fairscale/")
 _NEUTRAL_PARTS = ("/torch/", "/transformers/", "/contextlib.py", "/functools.py", "/typing.py")
 _FACTORIES = {"zeros", "ones", "empty", "full", "randn", "rand", "randint", "randperm", "arange", "linspace",
               "eye", "tensor", "as_tensor", "empty_strided", "zeros_like", "ones_like", "empty_like", "full_like",

@@ -1,4 +1,4 @@
-"""Every private (or undocumented) torch / DeepSpeed API the backends rely on, listed per engine, with why.
+"""Every private (or undocumented) torch / DeepSpeed / fairscale API the backends rely on, listed per engine, with why.
 
 Each backend's private uses are listed here (backends/*.py, backends/ds_*.py, reshape/factorize.py,
 telemetry/comm.py, gc_freeze.py); the backends do not import this registry — it is the inventory a
@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-ENGINES = ("torch", "fsdp2", "ddp", "deepspeed")
+ENGINES = ("torch", "fsdp2", "ddp", "deepspeed", "fairscale")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ REGISTRY: dict[str, list[Entry]] = {
         Entry("torch.nn.parallel.DistributedDataParallel.register_comm_hook",
               "the counted all-reduce hook is installed on each rebuilt DDP wrapper",
               "backends/ddp_backend.py, telemetry/library.py"),
+        Entry("<DDPStrategy>._ddp_comm_hook",
+              "a Lightning user's DDP comm hook (DDP takes one): telemetry must not register its counter on top of it",
+              "integrations/lightning.py", "attribute"),
     ],
     "deepspeed": [
         Entry("deepspeed.ops.__compatible_ops__",
@@ -132,6 +135,24 @@ REGISTRY: dict[str, list[Entry]] = {
               "engine alive otherwise)", "backends/ds_cleanup.py", "attribute"),
         Entry("<ZeRO-3 submodule>.post_bwd_fn", "as pre_bwd_fn", "backends/ds_cleanup.py", "attribute"),
     ],
+    "fairscale": [
+        Entry("<OSS>._optim_constructor", "the wrapped torch optimizer class, to build the OSS again over the rebuilt "
+              "model's parameters", "backends/fairscale_backend.py", "attribute"),
+        Entry("<OSS>._optim_defaults", "the wrapped optimizer's keyword arguments, for the rebuilt OSS",
+              "backends/fairscale_backend.py", "attribute"),
+        *[Entry(f"<ShardedDataParallel>.{attr}", why, "backends/fairscale_backend.py", "attribute") for attr, why in (
+            ("_grad_hooks", "the old wrapper's hooks on the untouched parameters' AccumulateGrad nodes, removed "
+                            "before the new wrapper is built (a surviving hook would reduce to the old owner)"),
+            ("_grad_accs", "the AccumulateGrad nodes those hooks sit on, released with them"),
+            ("_manual_reduce", "the old wrapper's manual-reduce closures, released with its hooks"),
+            ("_buffer_max_size", "the user's reduce_buffer_size, carried to the rebuilt wrapper"),
+            ("_use_buckets", "whether gradients are bucketed (then zero_grad must keep the bucket views)"),
+            ("_enable_broadcast_buffers", "the user's broadcast_buffers, carried to the rebuilt wrapper"),
+            ("_auto_refresh_trainable", "the user's auto_refresh_trainable, carried to the rebuilt wrapper"),
+            ("_reduce_fp16", "the user's reduce_fp16, carried to the rebuilt wrapper"),
+            ("_warn_on_trainable_params_changed", "the user's warning setting, carried to the rebuilt wrapper"),
+            ("_process_group", "the user's process group, carried to the rebuilt wrapper"))],
+    ],
 }
 
 
@@ -140,13 +161,12 @@ def installed_versions(engine: str) -> str:
     import torch
 
     text = f"torch {torch.__version__}"
-    if engine == "deepspeed":
+    if engine in ("deepspeed", "fairscale"):
         try:
-            import deepspeed
-
-            text += f", deepspeed {deepspeed.__version__}"
+            package = importlib.import_module(engine)
+            text += f", {engine} {package.__version__}"
         except ImportError:
-            text += ", deepspeed not installed"
+            text += f", {engine} not installed"
     return text
 
 
@@ -207,8 +227,36 @@ def _deepspeed_objects() -> dict[str, Any]:
     return objects
 
 
+def _ddp_objects() -> dict[str, Any]:
+    """Lightning's DDP strategy (built without a process group; the lightning extra)."""
+    def strategy() -> Any:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy()
+
+    return {"<DDPStrategy>": _built(strategy)}
+
+
+def _fairscale_objects() -> dict[str, Any]:
+    """An OSS over one Linear and a ShardedDataParallel over it, on the caller's process group (one step taken)."""
+    import torch
+    from fairscale.nn.data_parallel import ShardedDataParallel
+    from fairscale.optim import OSS
+
+    from dist_lowrank.device import default_device
+
+    model = torch.nn.Linear(4, 4).to(default_device())
+    oss = OSS(model.parameters(), optim=torch.optim.SGD, lr=0.1)
+    wrapped = ShardedDataParallel(model, oss, reduce_buffer_size=0)
+    wrapped(torch.ones(1, 4, device=default_device())).sum().backward()
+    oss.step()
+    return {"<OSS>": oss, "<ShardedDataParallel>": wrapped}
+
+
 OBJECT_BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {"torch": _torch_objects,
-                                                            "deepspeed": _deepspeed_objects}
+                                                            "ddp": _ddp_objects,
+                                                            "deepspeed": _deepspeed_objects,
+                                                            "fairscale": _fairscale_objects}
 
 
 def _missing(entry: Entry, objects: Optional[dict[str, Any]]) -> Optional[str]:

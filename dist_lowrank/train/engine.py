@@ -48,6 +48,10 @@ def make_backend(run: RunConfig, task: Task, lowrank: LowRankConfig, comm_hook=N
         from dist_lowrank.backends.ddp_backend import DDPBackend
 
         return DDPBackend(model_fn(), optimizer, scheduler, comm_hook=comm_hook, param_groups=groups)
+    if run.backend == "fairscale":
+        from dist_lowrank.backends.fairscale_backend import FairscaleBackend, oss_factory_from
+
+        return FairscaleBackend(model_fn(), oss_factory_from(optimizer), scheduler, param_groups=groups)
     if run.backend == "fsdp2":
         from dist_lowrank.backends.fsdp2_backend import FSDP2Backend, shard_each_layer
 

@@ -31,7 +31,7 @@ from dist_lowrank.train.tasks import build_task
 
 def comm_model_name(run: RunConfig) -> Optional[str]:
     """The analytic communication model that describes this run's backend (None: nothing communicated)."""
-    return {"local": None, "ddp": "ddp", "fsdp2": "fsdp2"}.get(run.backend, f"zero{run.zero_stage}")
+    return {"local": None, "ddp": "ddp", "fsdp2": "fsdp2", "fairscale": None}.get(run.backend, f"zero{run.zero_stage}")
 
 
 def train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:

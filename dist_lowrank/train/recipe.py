@@ -66,6 +66,8 @@ def clip_gradients(backend: Backend, max_norm: float) -> Optional[torch.Tensor]:
     engine.step (ds_config `gradient_clipping`), so nothing here."""
     if max_norm <= 0 or backend.name == "deepspeed":
         return None
+    if hasattr(backend, "clip_grad_norm"):  # gradients sharded by owner (fairscale OSS): the backend's global norm
+        return backend.clip_grad_norm(max_norm)
     params = [p for p in backend.unwrapped_model().parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if hasattr(norm, "full_tensor"):  # a DTensor (Partial over the shards): the global norm on every rank

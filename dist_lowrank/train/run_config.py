@@ -21,7 +21,7 @@ class RunConfig:
         "model + data: VGG-style CNN, the 784-500-300-100-10 MLP, LeNet-5 or the 784-512-10 MLP on Fashion-MNIST, or "
         "GPT on Shakespeare",
         default="fmnist_cnn")
-    backend: Literal["local", "ddp", "fsdp2", "deepspeed"] = _help("local = one process, no wrapper", default="local")
+    backend: Literal["local", "ddp", "fsdp2", "deepspeed", "fairscale"] = _help("local = one process, no wrapper; fairscale = OSS + ShardedDataParallel", default="local")
     zero_stage: int = _help("DeepSpeed ZeRO stage (1, 2 or 3)", default=2)
     world_size: int = _help("processes to start when not launched by torchrun/deepspeed/mpirun/SLURM", default=1)
     steps: int = _help("optimizer steps", default=600)

@@ -55,9 +55,7 @@ from dist_lowrank.coordinator import Coordinator
 from dist_lowrank.device import comm_device, default_device, is_distributed
 from dist_lowrank.errors import CheckpointError, DistLowRankError
 from dist_lowrank.faults import maybe_fault
-from dist_lowrank.reshape.change import Keep, ShapeChange
-from dist_lowrank.reshape.materialize import materialize
-from dist_lowrank.surgery import replace_module
+from dist_lowrank.reshape.change import ShapeChange
 
 OSSFactory = Callable[[list[Any]], Any]  # param groups (or a list of parameters) -> fairscale.optim.OSS
 
@@ -216,13 +214,7 @@ class FairscaleBackend(LocalBackend):
         """Module surgery on every rank, a new OSS over the new parameters with the change's param-group rules
         (as DDP), every untouched parameter's state moved from its old owner to its new one bit for bit, `states`
         installed on the new owners, a new ShardedDDP. Returns how many states moved and their bytes."""
-        old_modules = dict(self.module.named_modules())
-        layers = {l.name: [f"{l.name}.{leaf}" for leaf, _ in old_modules[l.name].named_parameters()]
-                  for l in change.layers}
-        kept = {f"{l.name}.{leaf}" for l in change.layers for leaf, p in l.params.items() if isinstance(p.value, Keep)}
-        changed = {name for olds in layers.values() for name in olds} - kept
-        rebased = {l.name: layers[l.name] for l in change.layers
-                   if any(p.group == "companion" for p in l.params.values())}
+        old_modules, changed, rebased = self.change_names(change)
         me = self._rank()
         with Coordinator().shared_failure(f"{change.kind} rebuild (module surgery, OSS)"):
             old_owner = {n: r for n, r in self.owners().items() if n not in changed}
@@ -230,10 +222,7 @@ class FairscaleBackend(LocalBackend):
             self.layout.refresh(self.optimizer.param_groups)
             scheduler = self.scheduler
             self.release()
-            for layer in change.layers:
-                old = old_modules[layer.name]
-                device = next(old.parameters()).device
-                replace_module(self.module, layer.name, materialize(layer, modules[layer.name], old, device, values))
+            self.swap_layers(change, modules, values, old_modules)
             del old_modules
             maybe_fault("rebuild")
             named = dict(self.module.named_parameters())

@@ -78,17 +78,31 @@ class LocalBackend(Backend):
             if held and key in held:
                 held[key].copy_(full.reshape(held[key].shape))
 
+    def change_names(self, change: ShapeChange) -> tuple[dict[str, nn.Module], set[str], dict[str, list[str]]]:
+        """The module's submodules before the change, the names of the parameters it replaces (its Keep leaves
+        stay), and per layer with "companion" parameters the old parameter names (the groups to rebase)."""
+        old_modules = dict(self.module.named_modules())
+        layers = {l.name: [f"{l.name}.{leaf}" for leaf, _ in old_modules[l.name].named_parameters()] for l in change.layers}
+        kept = {f"{l.name}.{leaf}" for l in change.layers for leaf, p in l.params.items() if isinstance(p.value, Keep)}
+        changed = {name for olds in layers.values() for name in olds} - kept
+        rebased = {l.name: layers[l.name] for l in change.layers if any(p.group == "companion" for p in l.params.values())}
+        return old_modules, changed, rebased
+
+    def swap_layers(self, change: ShapeChange, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
+                    old_modules: dict[str, nn.Module]) -> None:
+        """Every changed layer replaced in the replicated module by its new one, on the old layer's device."""
+        for layer in change.layers:
+            old = old_modules[layer.name]
+            device = next(old.parameters()).device
+            replace_module(self.module, layer.name, materialize(layer, modules[layer.name], old, device, values))
+
     def rebuild(self, change: ShapeChange, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Module surgery on every rank (the same factors everywhere), then a new optimizer over the new parameters
         with every untouched parameter's state. "companion" parameters join their layer's group, or — with
         lr_scale != 1 — a companion group with the scaled lr (torch's optimizers keep a step per parameter, so no
         other reason for a group of their own); "inherit" ones keep their name, group and step."""
-        old_modules = dict(self.module.named_modules())
-        layers = {l.name: [f"{l.name}.{leaf}" for leaf, _ in old_modules[l.name].named_parameters()] for l in change.layers}
-        kept = {f"{l.name}.{leaf}" for l in change.layers for leaf, p in l.params.items() if isinstance(p.value, Keep)}
-        changed = {name for olds in layers.values() for name in olds} - kept
-        rebased = {l.name: layers[l.name] for l in change.layers if any(p.group == "companion" for p in l.params.values())}
+        old_modules, changed, rebased = self.change_names(change)
         # Local work only from here to the wrap (DDP broadcasts there): a failure on any rank is shared first.
         with Coordinator().shared_failure(f"{change.kind} rebuild (module surgery, optimizer transplant)"):
             untouched = {n: p for n, p in self.module.named_parameters() if n not in changed}
@@ -96,10 +110,7 @@ class LocalBackend(Backend):
             self.layout.refresh(self.optimizer.param_groups)
             scheduler = self.scheduler
             self.release()
-            for layer in change.layers:
-                old = old_modules[layer.name]
-                device = next(old.parameters()).device
-                replace_module(self.module, layer.name, materialize(layer, modules[layer.name], old, device, values))
+            self.swap_layers(change, modules, values, old_modules)
             del old_modules, untouched
             maybe_fault("rebuild")
             named = dict(self.module.named_parameters())

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tests.distributed.switch_common import (PLAN_RANKS, POST_STEPS, PRE_STEPS, fixed_input, local_batch, loss_fn,
-                                             make_model, optimizer_factory, scheduler_factory, state_copy)
+                                             make_model, optimizer_factory, scheduler_factory, state_copy, train_steps)
 
 SAVE_AFTER = 2  # post-switch steps before the checkpoint; the rest run twice (on, and resumed from it)
 
@@ -18,16 +18,6 @@ def oss_factory(params):
     from fairscale.optim import OSS
 
     return OSS(params, optim=torch.optim.AdamW, lr=5e-3, weight_decay=0.01)
-
-
-def _steps(backend, steps: range, rank: int, world: int) -> list[float]:
-    losses = []
-    for step in steps:
-        loss = loss_fn(backend.model, local_batch(step, rank, world))
-        losses.append(float(loss.detach()))
-        backend.backward(loss)
-        backend.step()
-    return losses
 
 
 def _owned(backend) -> dict[str, dict]:
@@ -44,7 +34,7 @@ def fairscale_switch_worker(rank: int, world: int, directory: str):
     errors = _bad_inputs()
     backend = FairscaleBackend(make_model(), oss_factory, scheduler_factory)
     wrapper_type = type(backend.model).__name__
-    losses_pre = _steps(backend, range(PRE_STEPS), rank, world)
+    losses_pre = train_steps(backend, range(PRE_STEPS), rank, world)
     views = backend.shard_views(sorted(PLAN_RANKS))
     full_before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
     owners_before, owned_before = backend.owners(), _owned(backend)
@@ -58,7 +48,7 @@ def fairscale_switch_worker(rank: int, world: int, directory: str):
     with torch.no_grad():
         out = backend.model(fixed_input())
     post = range(PRE_STEPS, PRE_STEPS + POST_STEPS)
-    losses_post = _steps(backend, post[:SAVE_AFTER], rank, world)
+    losses_post = train_steps(backend, post[:SAVE_AFTER], rank, world)
     checkpoint = Path(directory) / "ckpt"
     if rank == 0:
         checkpoint.mkdir(parents=True, exist_ok=True)
@@ -66,7 +56,7 @@ def fairscale_switch_worker(rank: int, world: int, directory: str):
     backend.save_state(checkpoint, "{}")
     meta, layout = backend.engine_meta(), layout_of(backend.unwrapped_model())
     torch.distributed.barrier()
-    losses_post += _steps(backend, post[SAVE_AFTER:], rank, world)
+    losses_post += train_steps(backend, post[SAVE_AFTER:], rank, world)
     final = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
 
     # resumed with gradient buckets (ShardedDDP's zero_grad keeps them right; the uninterrupted run has none) and
@@ -76,7 +66,7 @@ def fairscale_switch_worker(rank: int, world: int, directory: str):
                                sdp_kwargs={"reduce_buffer_size": 2 ** 20}, param_groups=meta["param_groups"])
     resumed.load_state(checkpoint, meta)
     resumed_owned = _owned(resumed)
-    losses_resumed = _steps(resumed, post[SAVE_AFTER:], rank, world)
+    losses_resumed = train_steps(resumed, post[SAVE_AFTER:], rank, world)
     final_resumed = {n: p.detach().clone() for n, p in resumed.module.named_parameters()}
     resumed.backward(loss_fn(resumed.model, local_batch(PRE_STEPS + POST_STEPS, rank, world)))
     grad_norm = float(resumed.clip_grad_norm(1e9))  # no clipping: the global norm over the owners' gradients

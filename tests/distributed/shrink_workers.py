@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dist_lowrank.reshape.builders import shrink_change, switch_change
-from tests.distributed.switch_common import PLAN_RANKS, PRE_STEPS, loss_fn, local_batch, make_model, optimizer_factory
+from tests.distributed.switch_common import PLAN_RANKS, PRE_STEPS, make_model, optimizer_factory, train_steps
 
 SHRUNK, KEEP = "net.2", 3  # net.2 goes from rank 6 to 3
 POST = 2                   # steps between the switch and the shrink
@@ -51,26 +51,16 @@ def read_full(kind: str, backend) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def train(backend, steps, rank: int, world: int) -> list[float]:
-    losses = []
-    for step in steps:
-        loss = loss_fn(backend.model, local_batch(step, rank, world))
-        losses.append(float(loss.detach()))
-        backend.backward(loss)
-        backend.step()
-    return losses
-
-
 def shrink_worker(rank: int, world: int, kind: str) -> dict:
     torch.manual_seed(0)
     backend = make_backend(kind, world)
-    train(backend, range(PRE_STEPS), rank, world)
+    train_steps(backend, range(PRE_STEPS), rank, world)
     backend.apply(switch_change(backend.unwrapped_model(), dict(PLAN_RANKS), PRE_STEPS))
-    train(backend, range(PRE_STEPS, PRE_STEPS + POST), rank, world)
+    train_steps(backend, range(PRE_STEPS, PRE_STEPS + POST), rank, world)
     before = read_full(kind, backend)
     measurements = backend.apply(shrink_change(backend.unwrapped_model(), {SHRUNK: KEEP}, PRE_STEPS + POST))
     after = read_full(kind, backend)
-    losses = train(backend, [PRE_STEPS + POST], rank, world)
+    losses = train_steps(backend, [PRE_STEPS + POST], rank, world)
     final = read_full(kind, backend)
     return {"before": before, "after": after, "final": final, "losses": losses,
             "rank": backend.unwrapped_model().get_submodule(SHRUNK).rank,

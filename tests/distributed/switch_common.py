@@ -62,15 +62,20 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(x), y)
 
 
-def train_after_switch(backend, rank: int, world: int) -> list[float]:
-    """The POST_STEPS training steps every backend worker runs after the switch; returns the losses."""
+def train_steps(backend, steps, rank: int, world: int) -> list[float]:
+    """Training steps `steps` (global step numbers: the batches) on this rank's share; returns the losses."""
     losses = []
-    for step in range(PRE_STEPS, PRE_STEPS + POST_STEPS):
+    for step in steps:
         loss = loss_fn(backend.model, local_batch(step, rank, world))
         losses.append(float(loss.detach()))
         backend.backward(loss)
         backend.step()
     return losses
+
+
+def train_after_switch(backend, rank: int, world: int) -> list[float]:
+    """The POST_STEPS training steps every backend worker runs after the switch; returns the losses."""
+    return train_steps(backend, range(PRE_STEPS, PRE_STEPS + POST_STEPS), rank, world)
 
 
 def reference_run():

@@ -162,26 +162,34 @@ class FairscaleBackend(LocalBackend):
     def _rank(self) -> int:
         return dist.get_rank(self._group) if is_distributed() else 0
 
+    def _owner_by_id(self) -> dict[int, int]:
+        """{id(parameter): the rank of the OSS group that owns its state} (from OSS's public partition)."""
+        return {id(p): rank for rank, groups in enumerate(self.optimizer.partition_parameters())
+                for group in groups for p in group["params"]}
+
     def owners(self) -> dict[str, int]:
-        """{parameter name: the rank of the OSS group that owns its state} (from OSS's public partition)."""
-        rank_of = {id(p): rank for rank, groups in enumerate(self.optimizer.partition_parameters())
-                   for group in groups for p in group["params"]}
+        """{parameter name: the rank of the OSS group that owns its state}."""
+        rank_of = self._owner_by_id()
         return {n: rank_of[id(p)] for n, p in self.module.named_parameters() if id(p) in rank_of}
+
+    @property
+    def held_states(self) -> dict:
+        """The states this rank owns: OSS keeps them in its wrapped optimizer (`OSS.optim`)."""
+        return self.optimizer.optim.state
 
     def local_states(self) -> dict[str, dict[str, Any]]:
         """{name: state} of the parameters this rank owns (the states themselves, not copies)."""
-        held = self.optimizer.optim.state
+        held = self.held_states
         return {n: held[p] for n, p in self.module.named_parameters() if held.get(p)}
 
     # -- primitives of the reshape pipeline ------------------------------------------------------------
     def full_state(self, param: torch.Tensor) -> Optional[dict[str, Any]]:
         """The parameter's state on every rank, broadcast by its owner (collective: every rank calls it)."""
-        rank_of = {id(p): r for r, groups in enumerate(self.optimizer.partition_parameters())
-                   for g in groups for p in g["params"]}
+        rank_of = self._owner_by_id()
         if id(param) not in rank_of:
             return None
         owner, me = rank_of[id(param)], self._rank()
-        state = self.optimizer.optim.state.get(param) if owner == me else None
+        state = self.held_states.get(param) if owner == me else None
         desc = [_describe(state) if state else None]
         if is_distributed():
             dist.broadcast_object_list(desc, src=_global(self._group, owner), group=self._group)
@@ -199,15 +207,6 @@ class FairscaleBackend(LocalBackend):
                 dist.broadcast(buf, src=_global(self._group, owner), group=self._group)
             out[key] = buf.to("cpu" if on_cpu else param.device)
         return out
-
-    def write(self, param: torch.Tensor, value: torch.Tensor, state: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """The replica on every rank; the moments where this rank owns them (the same full tensors everywhere)."""
-        with torch.no_grad():
-            param.copy_(value.reshape(param.shape))
-        held = self.optimizer.optim.state.get(param)
-        for key, full in (state or {}).items():
-            if held and key in held:
-                held[key].copy_(full.reshape(held[key].shape))
 
     def rebuild(self, change: ShapeChange, modules: dict[str, nn.Module], values: dict[str, torch.Tensor],
                 states: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -238,7 +237,7 @@ class FairscaleBackend(LocalBackend):
         received, moved_bytes = self._move_states(moves, mine)
         with Coordinator().shared_failure(f"{change.kind} rebuild (state transplant)"):
             maybe_fault("transplant")
-            held = self.optimizer.optim.state
+            held = self.held_states
             for name, owner in new_owner.items():
                 if owner != me:
                     continue
@@ -371,7 +370,7 @@ class FairscaleBackend(LocalBackend):
         unknown = sorted(set(main["stateful"]) - set(named))
         if unknown:
             raise CheckpointError(f"{path}: optimizer state for {unknown[:3]}, which the model does not have")
-        held = self.optimizer.optim.state
+        held = self.held_states
         held.clear()
         for rank in range(int(main["world_size"])):
             shard = directory / self.SHARD_FILE.format(rank=rank)

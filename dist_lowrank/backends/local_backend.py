@@ -66,14 +66,20 @@ class LocalBackend(Backend):
         """Every rank holds every parameter."""
         return param.detach()
 
+    @property
+    def held_states(self) -> dict:
+        """The per-parameter optimizer states this rank keeps (here: all of them)."""
+        return self.optimizer.state
+
     def full_state(self, param: torch.Tensor) -> Optional[dict[str, Any]]:
-        state = self.optimizer.state.get(param)
+        state = self.held_states.get(param)
         return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()} if state else None
 
     def write(self, param: torch.Tensor, value: torch.Tensor, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """The replica on every rank; the moments where this rank keeps them (the same full tensors everywhere)."""
         with torch.no_grad():
             param.copy_(value.reshape(param.shape))
-        held = self.optimizer.state.get(param)
+        held = self.held_states.get(param)
         for key, full in (state or {}).items():
             if held and key in held:
                 held[key].copy_(full.reshape(held[key].shape))

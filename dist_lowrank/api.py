@@ -27,14 +27,18 @@ def attach(backend: Backend, config: Union[LowRankConfig, dict, str, Path],
 
 
 def start_controller(backend: Backend, cfg: LowRankConfig, steps_per_epoch: Optional[int],
-                     telemetry: Optional["RunTelemetry"]) -> Optional[LowRankController]:
-    """The controller with its init measurement (None for `strategy: none`); the telemetry counts training
-    traffic from here on, and a failure while starting closes it so the log says where the run ended."""
+                     telemetry: Optional["RunTelemetry"],
+                     resume_state: Optional[dict] = None) -> Optional[LowRankController]:
+    """The controller with its init measurement, or with a checkpoint's `resume_state` instead (None for
+    `strategy: none`); the telemetry counts training traffic from here on, and a failure while starting closes it
+    so the log says where the run ended."""
     controller = None
     try:
         if cfg.strategy != "none":
-            controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
-            controller.start()
+            controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch, telemetry=telemetry,
+                                           resume_state=resume_state)
+            if resume_state is None:
+                controller.start()
     except BaseException:
         if telemetry is not None:
             telemetry.close(flush=False, report=False)

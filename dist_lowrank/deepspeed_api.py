@@ -44,6 +44,13 @@ def _scheduler_spec(lr_scheduler: Any) -> Any:
                     f"{type(lr_scheduler).__name__}")
 
 
+def step_loss(micro_losses: list[float], overflow: bool) -> float:
+    """A DeepSpeed optimizer step's loss as the controller takes it: the mean over its micro-batches, NaN when the
+    engine skipped the step (fp16 overflow), saw no micro-batch, or the mean is not finite."""
+    loss = float("nan") if overflow or not micro_losses else sum(micro_losses) / len(micro_losses)
+    return loss if math.isfinite(loss) else float("nan")
+
+
 class LowRankDeepSpeedEngine:
     """Forwards to the current DeepSpeed engine and runs the controller at each optimizer step."""
 
@@ -88,9 +95,7 @@ class LowRankDeepSpeedEngine:
             self._micro_losses = []
             self._backend.link_optimizer_state_once()
         if boundary and (self._controller is not None or self._telemetry is not None):
-            overflow = getattr(engine, "skipped_steps", 0) != skipped_before
-            loss = float("nan") if overflow or not micro else sum(micro) / len(micro)
-            loss = loss if math.isfinite(loss) else float("nan")
+            loss = step_loss(micro, overflow=getattr(engine, "skipped_steps", 0) != skipped_before)
             if self._controller is not None:  # with lowrank.logging it also records the step's telemetry
                 self._controller.after_step(int(engine.global_steps), loss)
             else:

@@ -28,7 +28,6 @@ On a host without an accelerator call `configure_accelerate_for_deepspeed()` bef
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -39,6 +38,7 @@ from transformers import Trainer, TrainerCallback
 
 from dist_lowrank.backends.deepspeed_backend import DeepSpeedBackend
 from dist_lowrank.config import LowRankConfig, from_ds_config, load_config
+from dist_lowrank.deepspeed_api import step_loss
 from dist_lowrank.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("dist_lowrank")
@@ -215,7 +215,6 @@ class LowRankTrainerMixin:
         from dist_lowrank.api import start_controller
         from dist_lowrank.backends import ds_state
         from dist_lowrank.checkpoint.manifest import check_layout, check_param_shapes
-        from dist_lowrank.controller import LowRankController
         from dist_lowrank.telemetry.library import library_telemetry
 
         cfg, manifest = self._lowrank_cfg, self._lowrank_manifest
@@ -231,14 +230,8 @@ class LowRankTrainerMixin:
         telemetry = library_telemetry(backend, cfg, "hf_trainer.LowRankTrainer", counter=self._lowrank_counter,
                                       samples_per_step=int(engine.train_batch_size()))
         self._lowrank_telemetry = telemetry
-        if manifest is None:
-            self._lowrank_controller = start_controller(backend, cfg, steps_per_epoch, telemetry)
-        else:
-            if cfg.strategy != "none":
-                self._lowrank_controller = LowRankController(backend, cfg, steps_per_epoch=steps_per_epoch,
-                                                             telemetry=telemetry, resume_state=manifest.controller)
-            if telemetry is not None:
-                telemetry.ready()
+        self._lowrank_controller = start_controller(backend, cfg, steps_per_epoch, telemetry,
+                                                    resume_state=manifest.controller if manifest else None)
         self._lowrank_skipped = int(getattr(engine, "skipped_steps", 0))
 
     # -- the Trainer's loop holds the engine in a local variable: use the current one ---------------------
@@ -290,9 +283,7 @@ class LowRankTrainerMixin:
         engine = backend.engine
         backend.link_optimizer_state_once()
         micro, self._lowrank_micro = self._lowrank_micro, []
-        overflow = int(getattr(engine, "skipped_steps", 0)) != self._lowrank_skipped
-        loss = float("nan") if overflow or not micro else sum(micro) / len(micro)
-        loss = loss if math.isfinite(loss) else float("nan")
+        loss = step_loss(micro, overflow=int(getattr(engine, "skipped_steps", 0)) != self._lowrank_skipped)
         controller, telemetry = self._lowrank_controller, self._lowrank_telemetry
         if controller is None:
             if telemetry is not None:

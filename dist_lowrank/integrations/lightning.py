@@ -41,6 +41,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from dist_lowrank.api import start_controller
 from dist_lowrank.backends.ddp_backend import DDPBackend
 from dist_lowrank.backends.local_backend import LocalBackend
 from dist_lowrank.checkpoint.manifest import apply_layout, check_param_shapes, layout_of, param_shapes
@@ -252,21 +253,10 @@ class LowRankCallback(Callback):
         if backend.optimizer is not optimizer:
             backend.publish()  # resume: the optimizer in the checkpoint's group layout, filled by Lightning next
         telemetry = library_telemetry(backend, self.cfg, source="lightning")
-        try:
-            if self.cfg.strategy != "none":
-                self.controller = LowRankController(backend, self.cfg, steps_per_epoch=self._steps_per_epoch(trainer),
-                                                    telemetry=telemetry,
-                                                    resume_state=resume["controller"] if resume else None)
-                if resume:
-                    self.controller.events[:0] = list(resume.get("events", []))  # the switch before the save
-                else:
-                    self.controller.start()
-        except BaseException:
-            if telemetry is not None:
-                telemetry.close(flush=False, report=False)
-            raise
-        if telemetry is not None:
-            telemetry.ready()
+        self.controller = start_controller(backend, self.cfg, self._steps_per_epoch(trainer), telemetry,
+                                           resume_state=resume["controller"] if resume else None)
+        if resume and self.controller is not None:
+            self.controller.events[:0] = list(resume.get("events", []))  # the switch before the save
         self._last_step = trainer.global_step if resume is None else int(resume["step"])
         self._resume = None  # used once: a later fit of this trainer without ckpt_path starts afresh
 

@@ -3,7 +3,8 @@
 Cuttlefish picks the early layers to keep dense by hand from offline timing tables. Here each
 candidate is timed at the switch on the device in use: a few forward+backward passes of a dense
 module and of its factorized replacement at the planned rank, at the real activation shape seen in
-training. Times are averaged over ranks with one all-reduce, so every rank takes the same decision.
+training, the candidates taking turns pass by pass so that load on a shared host hits them alike.
+Times are averaged over ranks with one all-reduce, so every rank takes the same decision.
 With rank_search, a layer that misses the speed target at the planned rank is timed once more (a
 second round, again one all-reduce for all layers) at a few lower ranks down to the strategy's
 quality floor, and takes the largest that is fast enough.
@@ -160,6 +161,20 @@ def search_ranks(planned: int, floor: int, count: int = SEARCH_CANDIDATES,
     return sorted(set(out), reverse=True)
 
 
+def time_interleaved(stand_ins: list[tuple[nn.Module, tuple]], iters: int, device: torch.device,
+                     timer: Timer = time_module) -> list[float]:
+    """Fastest single-pass seconds of each (module, input shape), the modules taking turns pass by pass.
+
+    Timed one after the other, a burst of load on a shared host lands on every pass of one candidate and
+    flips the decision between two ranks (dense vs rank r measured in different moments); taking turns,
+    every candidate gets passes before, during and after the burst, and the fastest of each is its own cost."""
+    best = [float("inf")] * len(stand_ins)
+    for _ in range(iters):
+        for i, (module, shape) in enumerate(stand_ins):
+            best[i] = min(best[i], timer(module, shape, 1, device))
+    return best
+
+
 def _timing_key(module: nn.Module, shape: tuple[int, ...], rank: Optional[int]) -> tuple:
     """What a stand-in's time depends on: its kind and dimensions, the input's shape, dtype and autocast,
     and the rank (None = dense)."""
@@ -219,12 +234,10 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
         keys = [_timing_key(modules[name], shapes[name], rank) for name, rank in jobs]
         unique = list(dict.fromkeys(keys))
         first_job = {key: job for key, job in zip(reversed(keys), reversed(jobs))}
-        local = torch.zeros(len(unique), dtype=torch.float64)
         with plugin_rng(seed, device):
-            for i, key in enumerate(unique):
-                name, rank = first_job[key]
-                dtype = _param_dtype(shapes[name])
-                local[i] = timer(_stand_in(modules[name], rank, device, dtype), shapes[name], iters, device)
+            stand_ins = [(_stand_in(modules[name], rank, device, _param_dtype(shapes[name])), shapes[name])
+                         for name, rank in (first_job[key] for key in unique)]
+            local = torch.tensor(time_interleaved(stand_ins, iters, device, timer), dtype=torch.float64)
         averaged = [float(t) for t in _all_reduce_mean(local)]
         return [averaged[unique.index(key)] for key in keys]
 

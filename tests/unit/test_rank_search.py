@@ -175,3 +175,19 @@ def test_cuttlefish_scaled_plan_carries_raw_rule_floors():
     assert raw.observe(20, {"a": 7.3}).floors == {}  # the raw rank is its own floor
     fixed = FixedRatioStrategy(FixedConfig(ratio=0.25, warmup_steps=1), {"a": (64, 64)})
     assert fixed.observe(1, {}).floors == {}
+
+
+def test_a_burst_of_load_does_not_change_the_decision():
+    """Candidates take turns pass by pass: a burst as long as one candidate's passes (here 3 calls, 100x the
+    cost) inflates one pass of several candidates, not all passes of one, so each keeps a clean fastest pass and
+    the plan is the quiet machine's. Timed one after the other, dense would absorb the burst and look slow."""
+    calls = iter(range(10_000))
+    burst = range(0, 3)  # the first three timed passes
+    timer = FakeTimer(lambda w, r: (100.0 if next(calls) in burst else 1.0) * linear_cost(w, r))
+    plan = Plan("switch", 1, {"a": 64}, floors={"a": 20})
+    quiet, _ = run(plan, FakeTimer(linear_cost), 1.5)
+    modules, shapes = {"a": nn.Linear(128, 128)}, {"a": (4, 128)}
+    loaded, table = keep_dense_where_not_faster(plan, modules, shapes, iters=3, min_speedup=1.5, device=CPU,
+                                                rank_search=True, timer=timer)
+    assert quiet.ranks == loaded.ranks == {"a": 32}  # 50/32 = 1.56x; 50/40 = 1.25x
+    assert table["a"]["dense_s"] == 1.0 and table["a"]["factorized_s"] == 64 / 50

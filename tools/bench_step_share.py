@@ -9,11 +9,13 @@ clipping when the config sets it). Measured, median over --iters after --warmup:
     forward): forward + backward with the input gradient, as in the model, dense and factorized.
 share = Σ dense layer time / dense step time. Amdahl: with layers s = Σdense/Σfactorized faster, the step can
 be at most 1 / ((1 - share) + share / s) faster (1 / (1 - share) if the layers took no time); the measured
-step speed-up is printed beside it (it also gains from AdamW over fewer parameters). The engine
+step speed-up is printed beside it (it also gains from AdamW over fewer parameters). With --compile every
+model is also timed under torch.compile (a copy each; its first step, which compiles, timed apart), so the
+factorized speed-up is measured against a compiled dense step too. The engine
 (DeepSpeed's buckets, the gradient all-reduce) is not in this one-process step.
 
     python tools/bench_step_share.py [--config configs/gpt_shakespeare_zero2.yaml] [--rank-ratio 0.25,0.5] \\
-        [--override run.n_embd=384 --override run.n_head=6 --override run.n_layer=6] [--json share.json]
+        [--override run.n_embd=384 --override run.n_head=6 --override run.n_layer=6] [--compile] [--json share.json]
 """
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ def _out_features(module: nn.Module) -> int:
 
 # -- the measurement ---------------------------------------------------------------------------------------
 def measure(config: Path, overrides: list[str], ratios: list[float], iters: int, warmup: int,
-            device: Optional[torch.device] = None) -> dict[str, Any]:
+            device: Optional[torch.device] = None, compile_models: bool = False) -> dict[str, Any]:
     """The step and layer times, shares and speed-ups (see the module docstring) as one dict."""
     from dist_lowrank.device import default_device
     from dist_lowrank.layers import LowRankLinear
@@ -169,6 +171,14 @@ def measure(config: Path, overrides: list[str], ratios: list[float], iters: int,
         factorized = copy.deepcopy(model)
         apply_rank_plan(factorized, ranks_at[ratio])
         models[f"r={ratio:g}"] = factorized
+    compiled_s: dict[str, float] = {}
+    if compile_models:  # both sides compiled alike: a copy of each model, so eager and compiled train apart
+        for name in list(models):
+            compiled = torch.compile(copy.deepcopy(models[name]))
+            start = time.perf_counter()
+            make_stepper(compiled, task.loss_fn, batch, run, device)()  # compiles forward and backward
+            compiled_s[name] = time.perf_counter() - start
+            models[f"{name}+compile"] = compiled
     steppers = {name: make_stepper(m, task.loss_fn, batch, run, device) for name, m in models.items()}
     steps = time_steps(steppers, iters, warmup)
 
@@ -200,6 +210,10 @@ def measure(config: Path, overrides: list[str], ratios: list[float], iters: int,
                          "amdahl_step_speedup": amdahl_bound(share, layer_speedup),
                          "measured_step_speedup": dense_step / steps[key]["step_s"],
                          "step": steps[key], "params": count_parameters(models[key])}
+    compiled = {name: {"compile_s": seconds, "step": steps[f"{name}+compile"],
+                       "speedup_vs_eager_dense": dense_step / steps[f"{name}+compile"]["step_s"],
+                       "speedup_vs_compiled_dense": steps["dense+compile"]["step_s"] / steps[f"{name}+compile"]["step_s"]}
+                for name, seconds in compiled_s.items()}
     return {"machine": machine(), "device": str(device), "threads": torch.get_num_threads(),
             "settings": {"config": str(config), "overrides": overrides, "iters": iters, "warmup": warmup,
                          "ratios": ratios, "n_layer": run.n_layer, "n_embd": run.n_embd, "batch_size": run.batch_size,
@@ -207,7 +221,7 @@ def measure(config: Path, overrides: list[str], ratios: list[float], iters: int,
             "step": steps["dense"], "params": count_parameters(model), "targeted": sorted(targets),
             "skipped_targets": skipped, "layers": layers, "targeted_dense_s": dense_sum, "other_linear_s": other_sum,
             "share": share, "other_linear_share": other_sum / dense_step,
-            "amdahl_bound_free_layers": amdahl_bound(share), "ratios": by_ratio}
+            "amdahl_bound_free_layers": amdahl_bound(share), "ratios": by_ratio, "compiled": compiled}
 
 
 def report(data: dict[str, Any]) -> list[str]:
@@ -231,6 +245,13 @@ def report(data: dict[str, Any]) -> list[str]:
         lines.append(f"| {row['ratio']:g} | {ms(data['targeted_dense_s'])} → {ms(row['layers_factorized_s'])} "
                      f"| {row['layer_speedup']:.2f}x | {row['amdahl_step_speedup']:.2f}x "
                      f"| {row['measured_step_speedup']:.2f}x | {ms(row['step']['step_s'])} | {row['params']:,} |")
+    if data.get("compiled"):
+        lines += ["", "torch.compile (each model compiled alike; first step compiles):", "",
+                  "| model | compile (first step) | compiled step | vs eager dense | vs compiled dense |",
+                  "|---|---|---|---|---|"]
+        for name, row in data["compiled"].items():
+            lines.append(f"| {name} | {row['compile_s']:.1f} s | {ms(row['step']['step_s'])} "
+                         f"| {row['speedup_vs_eager_dense']:.2f}x | {row['speedup_vs_compiled_dense']:.2f}x |")
     return lines
 
 
@@ -242,6 +263,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (ranks run with 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every model under torch.compile (dense and factorized alike)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     try:
@@ -253,7 +276,7 @@ def main() -> None:
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         raise SystemExit("bench_step_share: --iters >= 1, --warmup >= 0, --threads >= 1")
     torch.set_num_threads(args.threads)
-    data = measure(args.config, args.override, ratios, args.iters, args.warmup)
+    data = measure(args.config, args.override, ratios, args.iters, args.warmup, compile_models=args.compile)
     print("\n".join(report(data)))
     if args.json:
         args.json.write_text(json.dumps(data, indent=2))

@@ -311,3 +311,39 @@ def test_bench_step_share_two_layer_32_wide(tmp_path: Path) -> None:
         assert row["measured_step_speedup"] == pytest.approx(step["step_s"] / row["step"]["step_s"])
     assert data["ratios"]["r=0.25"]["params"] < data["ratios"]["r=0.5"]["params"]
     assert "Amdahl" in proc.stdout and "| 0.25 |" in proc.stdout
+
+
+@pytest.mark.unit
+def test_bench_step_share_compiles_both_sides(tmp_path: Path) -> None:
+    """--compile times a compiled copy of the dense and of the factorized model; its ratios are those steps'."""
+    out = tmp_path / "share.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_step_share.py"), "--iters", "2", "--warmup", "1",
+           "--rank-ratio", "0.5", "--compile", "--json", str(out)]
+    for item in ("run.n_layer=1", "run.n_embd=32", "run.n_head=2", "run.block_size=16", "run.batch_size=2"):
+        cmd += ["--override", item]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    compiled = data["compiled"]
+    assert sorted(compiled) == ["dense", "r=0.5"]
+    dense, fact = compiled["dense"]["step"]["step_s"], compiled["r=0.5"]["step"]["step_s"]
+    assert compiled["r=0.5"]["speedup_vs_compiled_dense"] == pytest.approx(dense / fact)
+    assert compiled["r=0.5"]["speedup_vs_eager_dense"] == pytest.approx(data["step"]["step_s"] / fact)
+    # the first step compiles forward and backward: it takes longer than a compiled step
+    assert all(row["compile_s"] > row["step"]["step_s"] > 0 for row in compiled.values())
+    assert "torch.compile" in proc.stdout and "| r=0.5 |" in proc.stdout
+
+
+@pytest.mark.unit
+def test_rank_search_repeatability_arithmetic() -> None:
+    from bench_rank_search import plan_from_switch_event, summarize
+
+    event = {"event": "switch", "timing": {
+        "a": {"candidates": [{"rank": 105}, {"rank": 88}, {"rank": 80}, {"rank": 47}]},  # searched down to 47
+        "b": {"candidates": [{"rank": 49}]}}}  # fast enough at its planned rank: no floor recorded
+    assert plan_from_switch_event(event) == ({"a": 105, "b": 49}, {"a": 47})
+    searches = [{"seconds": 1.0, "ranks": {"a": 88, "b": 49}}, {"seconds": 2.0, "ranks": {"a": 80, "b": 49}},
+                {"seconds": 1.5, "ranks": {"b": 49}}, {"seconds": 1.2, "ranks": {"a": 88, "b": 49}}]
+    out = summarize(searches, ["a", "b"])
+    assert out["distinct_plans"] == 3 and out["total_rank"] == [137, 129, 49, 137]
+    assert out["varied"] == {"a": [0, 80, 88]} and out["seconds"] == [1.0, 2.0, 1.5, 1.2]

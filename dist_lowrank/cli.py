@@ -7,6 +7,7 @@ import logging
 import sys
 
 from dist_lowrank.errors import DistLowRankError
+from dist_lowrank.launch_env import discover
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -40,6 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir", help="the run's out_dir (holds events.jsonl)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    code = _run(args)
+    if args.command == "train" and _launched_rank():
+        from dist_lowrank.train.launch_local import end_rank_process
+
+        end_rank_process(code)
+    return code
+
+
+def _launched_rank() -> bool:
+    """This process is a rank that torchrun, deepspeed, SLURM or mpirun started (it ends with the job's group)."""
+    try:
+        return discover() is not None
+    except DistLowRankError:  # a malformed launcher environment: _run has reported it already
+        return False
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             return _train(args)

@@ -2,7 +2,7 @@
 
 Every tensor the plugin creates is made on the device of the data it meets (`module_device`, or the
 tensor's own `.device`), and collectives run on `comm_device()` (CUDA tensors under NCCL). Each rank
-binds its CUDA device from LOCAL_RANK (`bind_local_device`) before a process group exists: NCCL's
+binds its CUDA device from LOCAL_RANK before a process group exists (`before_process_group`): NCCL's
 object collectives (broadcast_object_list, all_gather_object) use `torch.cuda.current_device()`, and
 without the bind every rank would put them on GPU 0.
 """
@@ -50,6 +50,30 @@ def bind_local_device() -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def before_process_group() -> torch.device:
+    """Everything a rank does before its process group exists: bind its device (bind_local_device) and import
+    torch._dynamo. torch 2.13's first import of torch._dynamo takes references to the live default group from
+    C++ that destroy_process_group cannot drop (every optimizer's add_param_group imports it lazily, so every
+    run does it after the group exists); the gloo backend then outlives destroy_process_group and its threads
+    are torn down in interpreter exit, which aborts a rank ("terminate called without an active exception")
+    when its peer is still closing: 3 of 30 two-rank exits here, 0 of 30 with the import first
+    (tests/unit/test_rank_process_exit.py). Returns this rank's device."""
+    import torch._dynamo  # noqa: F401  (the import is the point)
+
+    return bind_local_device()
+
+
+def end_process_group() -> None:
+    """Collect garbage, then destroy the process group. Engines (DDP's reducer, FSDP2's and DeepSpeed's
+    state) hold the group from C++ and sit in reference cycles through their hooks; left to the collector
+    they outlive destroy_process_group and free the group's gloo threads during interpreter exit, which
+    aborts a rank when its peer is still closing (see before_process_group)."""
+    import gc
+
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -30,14 +30,14 @@ def _worker(fn: Callable, rank: int, world: int, port: int, env: dict, queue, ar
     import torch
     import torch.distributed as dist
 
-    from dist_lowrank.device import bind_local_device
+    from dist_lowrank.device import before_process_group, end_process_group
 
     torch.set_num_threads(1)
     try:
         if env.get("DIST_HARNESS_NO_INIT") != "1":
             # gloo unless the caller asks for another backend (the gpu tier: DIST_LOWRANK_DIST_BACKEND=nccl);
             # this rank's GPU is bound from LOCAL_RANK before the group exists
-            bind_local_device()
+            before_process_group()
             dist.init_process_group(env.get("DIST_LOWRANK_DIST_BACKEND", "gloo"), rank=rank, world_size=world)
         result = fn(rank, world, *args)
         # Plain pickle (copies tensor data): torch's shared-memory handles die with the worker.
@@ -47,7 +47,7 @@ def _worker(fn: Callable, rank: int, world: int, port: int, env: dict, queue, ar
     finally:
         if dist.is_initialized():
             try:
-                dist.destroy_process_group()
+                end_process_group()
             except Exception:  # noqa: BLE001
                 pass
 

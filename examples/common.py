@@ -66,12 +66,14 @@ def run_as_script(main) -> None:
     CPU), run, report on rank 0."""
     import torch.distributed as dist
 
-    from dist_lowrank.device import bind_local_device, default_dist_backend
+    from dist_lowrank.device import before_process_group, default_dist_backend
 
-    bind_local_device()
+    before_process_group()
     dist.init_process_group(default_dist_backend())
     result = main()
     if dist.get_rank() == 0:
         print(f"switched at step {result['switch_step']} to ranks {result['ranks']}; "
               f"loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}")
-    dist.destroy_process_group()
+    from dist_lowrank.device import end_process_group
+
+    end_process_group()  # engines freed while the group is up, then the group

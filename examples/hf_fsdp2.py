@@ -98,9 +98,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     import torch.distributed as dist
 
-    from dist_lowrank.device import bind_local_device, default_dist_backend
+    from dist_lowrank.device import before_process_group, default_dist_backend
 
-    bind_local_device()  # this rank's GPU before the process group (NCCL object collectives use it)
+    before_process_group()  # this rank's GPU bound, torch._dynamo imported: before the process group
     dist.init_process_group(default_dist_backend())
     result = main(args.model, args.steps, out_dir=args.out, checkpointing=args.checkpointing)
     if dist.get_rank() == 0:
@@ -109,4 +109,6 @@ if __name__ == "__main__":
         if "loaded_logits" in result:
             diff = (result["loaded_logits"] - result["live_logits"]).abs().max()
             print(f"saved to {args.out}; loaded model's logits differ from the live model's by {diff:.2e}")
-    dist.destroy_process_group()
+    from dist_lowrank.device import end_process_group
+
+    end_process_group()  # engines freed while the group is up, then the group

@@ -85,9 +85,9 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     if args.api == "fsdp2":
-        from dist_lowrank.device import bind_local_device, default_dist_backend
+        from dist_lowrank.device import before_process_group, default_dist_backend
 
-        bind_local_device()  # this rank's GPU before the process group
+        before_process_group()  # this rank's GPU bound, torch._dynamo imported: before the process group
         dist.init_process_group(default_dist_backend())
         summary = fsdp2_main(args.out, args.steps)
     else:
@@ -95,4 +95,6 @@ if __name__ == "__main__":
     if dist.get_rank() == 0:
         print(f"switched at step {summary['switch_step']}; trainable parameters {summary['trainable_params_full']:,} "
               f"-> {summary['trainable_params_final']:,}; report: {args.out}/report.md")
-    dist.destroy_process_group()
+    from dist_lowrank.device import end_process_group
+
+    end_process_group()  # engines freed while the group is up, then the group

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from dist_lowrank.device import bind_local_device, default_dist_backend, is_distributed
+from dist_lowrank.device import before_process_group, default_dist_backend, is_distributed
 
 
 def prepare_deepspeed() -> None:
@@ -32,7 +32,7 @@ def init_deepspeed_distributed() -> None:
     import deepspeed
 
     if not is_distributed():
-        bind_local_device()  # cuda:LOCAL_RANK before NCCL exists (DeepSpeed's own init does not set it first)
+        before_process_group()  # cuda:LOCAL_RANK bound (DeepSpeed does not set it first), torch._dynamo imported
         deepspeed.init_distributed(dist_backend=default_dist_backend())
     else:
         deepspeed.init_distributed(dist_backend=dist.get_backend())

@@ -14,7 +14,7 @@ import socket
 import sys
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.errors import DistLowRankError
@@ -46,8 +46,23 @@ def _worker(rank: int, world: int, port: int, run: RunConfig, lowrank: LowRankCo
         _train_in_group(run, lowrank)
     except DistLowRankError as exc:
         sys.stderr.write(f"dist-lowrank: error: [rank {rank}] {type(exc).__name__}: {exc}\n")  # one write: no
-        sys.stderr.flush()                                                                    # interleaving
-        sys.exit(2)
+        end_rank_process(2)                                                                   # interleaving
+    end_rank_process(0)
+
+
+def end_rank_process(code: int) -> NoReturn:
+    """End a rank's process once its group is destroyed and its files are closed, without interpreter
+    teardown. torch and DeepSpeed keep process groups alive past destroy_process_group in module-level
+    state (DTensor's sharding caches hold DeviceMeshes, whose registry holds the group; DeepSpeed's groups
+    module holds its groups); their gloo threads are then torn down during teardown, and a rank whose peer
+    is still closing aborts with "terminate called without an active exception" (SIGABRT; CI saw it on
+    FSDP2 runs). Streams and logging are flushed first, so nothing written is lost."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init_process_group() -> None:
@@ -57,9 +72,9 @@ def init_process_group() -> None:
     connection refused) instead of meeting the new ones."""
     import torch.distributed as dist
 
-    from dist_lowrank.device import bind_local_device, default_dist_backend
+    from dist_lowrank.device import before_process_group, default_dist_backend
 
-    bind_local_device()  # cuda:LOCAL_RANK before NCCL exists (its object collectives use the current device)
+    before_process_group()  # cuda:LOCAL_RANK bound (NCCL object collectives use it), torch._dynamo imported
     backend = default_dist_backend()
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
@@ -71,15 +86,14 @@ def init_process_group() -> None:
 
 
 def _train_in_group(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
-    import torch.distributed as dist
-
+    from dist_lowrank.device import end_process_group
     from dist_lowrank.train.loop import train
 
     init_process_group()
     try:
         return train(run, lowrank)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def run_training(run: RunConfig, lowrank: LowRankConfig) -> Optional[dict[str, Any]]:

@@ -26,6 +26,30 @@ def train_run(config: Path, overrides: list[str], out: Path, label: str) -> tupl
     return json.loads((out / "summary.json").read_text()), json.loads((out / "report.json").read_text())
 
 
+def task_and_model(config: Path, overrides: list[str], device: Any = None) -> tuple:
+    """(run, lowrank, task, model) of the config: the model seeded and built as `dist-lowrank train` does."""
+    import torch
+
+    from dist_lowrank.train.config_file import load_train_config
+    from dist_lowrank.train.tasks import build_task
+
+    run, lowrank = load_train_config(config, overrides)
+    torch.manual_seed(run.seed)
+    task = build_task(run)
+    model = task.model_fn()
+    return run, lowrank, task, model if device is None else model.to(device)
+
+
+def input_shapes(run: Any, task: Any, model: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The input shape of each module in `names`, recorded on one real batch of the task."""
+    from dist_lowrank.profiling import record_input_shapes
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    with record_input_shapes(model, list(names), shapes):
+        task.loss_fn(model, next(task.batches(0, run.world_size)))
+    return shapes
+
+
 def read_events(out: Path, kind: Optional[str] = None) -> list[dict]:
     """The run's events.jsonl records (rank 0's log), only those of `kind` (e.g. "eval") when given."""
     path = Path(out) / "events.jsonl"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, machine, read_events  # noqa: E402
+from bench_common import ROOT, machine, input_shapes, read_events, task_and_model  # noqa: E402
 
 
 def plan_from_switch_event(event: dict) -> tuple[dict[str, int], dict[str, int]]:
@@ -44,18 +44,11 @@ def _search(job: tuple[Path, list[str], dict, dict, int, float, int]) -> list[di
 
     torch.set_num_threads(1)
     from dist_lowrank.plan import Plan
-    from dist_lowrank.profiling import keep_dense_where_not_faster, record_input_shapes
-    from dist_lowrank.train.config_file import load_train_config
-    from dist_lowrank.train.tasks import build_task
+    from dist_lowrank.profiling import keep_dense_where_not_faster
 
-    run, _ = load_train_config(config, overrides)
-    torch.manual_seed(run.seed)
-    task = build_task(run)
-    model = task.model_fn()
+    run, _lowrank, task, model = task_and_model(config, overrides)
     modules = {n: m for n, m in model.named_modules() if n in planned}
-    shapes: dict[str, tuple] = {}
-    with record_input_shapes(model, list(modules), shapes):
-        task.loss_fn(model, next(task.batches(0, run.world_size)))
+    shapes = input_shapes(run, task, model, list(modules))
     plan = Plan("switch", 0, planned, floors=floors)
     out = []
     for _ in range(trials):

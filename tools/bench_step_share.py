@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, machine  # noqa: E402
+from bench_common import ROOT, input_shapes, machine, task_and_model  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -142,17 +142,11 @@ def measure(config: Path, overrides: list[str], ratios: list[float], iters: int,
     from dist_lowrank.device import default_device
     from dist_lowrank.layers import LowRankLinear
     from dist_lowrank.layers.shapes import matrix_dims
-    from dist_lowrank.profiling import record_input_shapes
     from dist_lowrank.surgery import apply_rank_plan, count_parameters
     from dist_lowrank.targeting import candidate_layers, select_targets
-    from dist_lowrank.train.config_file import load_train_config
-    from dist_lowrank.train.tasks import build_task
 
     device = device or default_device()
-    run, lowrank = load_train_config(config, overrides)
-    torch.manual_seed(run.seed)
-    task = build_task(run)
-    model = task.model_fn().to(device)
+    run, lowrank, task, model = task_and_model(config, overrides, device)
     targets = select_targets(model, lowrank.target_modules, lowrank.exclude_modules)
     linears = {n: m for n, m in candidate_layers(model).items() if isinstance(m, nn.Linear)}
     skipped = sorted(set(targets) - set(linears))  # conv / Conv1D targets: this tool times nn.Linear only
@@ -160,9 +154,7 @@ def measure(config: Path, overrides: list[str], ratios: list[float], iters: int,
     if not targets:
         raise SystemExit("bench_step_share: lowrank.target_modules matches no nn.Linear of this model")
     batch = next(task.batches(0, run.world_size))
-    shapes: dict[str, tuple[int, ...]] = {}
-    with record_input_shapes(model, list(linears), shapes):
-        task.loss_fn(model, batch)
+    shapes = input_shapes(run, task, model, list(linears))
 
     models = {"dense": model}
     ranks_at: dict[float, dict[str, int]] = {}

@@ -56,13 +56,23 @@ def end_rank_process(code: int) -> NoReturn:
     state (DTensor's sharding caches hold DeviceMeshes, whose registry holds the group; DeepSpeed's groups
     module holds its groups); their gloo threads are then torn down during teardown, and a rank whose peer
     is still closing aborts with "terminate called without an active exception" (SIGABRT; CI saw it on
-    FSDP2 runs). Streams and logging are flushed first, so nothing written is lost."""
+    FSDP2 runs). Streams and logging are flushed first, so nothing written is lost, and MPI is finalized
+    where mpi4py started it (rank discovery under mpirun): prterun counts a rank that ends without
+    MPI_Finalize as an abnormal termination and fails the job."""
     import logging
 
     logging.shutdown()
+    _finalize_mpi()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _finalize_mpi() -> None:
+    """MPI_Finalize, which mpi4py would run at interpreter exit, for a process that ends with os._exit."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def init_process_group() -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from dist_lowrank.config import LowRankConfig, config_to_dict
-from dist_lowrank.controller import LowRankController
+from dist_lowrank.api import start_controller
 from dist_lowrank.gc_freeze import startup_objects_frozen
 from dist_lowrank.methods import check_run
 from dist_lowrank.surgery import count_parameters
@@ -67,14 +67,9 @@ def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
                                                   "resumed_from": str(resume[0]) if resume else None},
                         step=start_step, phase=manifest.phase if manifest else "full", params_full=params_full)
         steps_per_epoch = max(1, task.samples_per_epoch // (run.batch_size * world))
-        controller: Optional[LowRankController] = None
-        if lowrank.strategy != "none":
-            controller = LowRankController(backend, lowrank, steps_per_epoch=steps_per_epoch, telemetry=telemetry,
-                                           resume_state=manifest.controller if manifest else None)
-            if not manifest:
-                controller.start()
-        # engine set-up (DeepSpeed broadcasts the model) and the init estimate are not training traffic
-        telemetry.ready()
+        # the library's path: engine set-up and the init estimate are not training traffic
+        controller = start_controller(backend, lowrank, steps_per_epoch, telemetry,
+                                      resume_state=manifest.controller if manifest else None)
         batches = task.batches(rank, world)
         for _ in range(start_step):  # the data order is a function of the step: skip what was trained
             next(batches)

@@ -64,10 +64,6 @@ class SwitchConfig:
         "with profile_layers: a layer not min_speedup faster at the rule's rank is timed at lower ranks, down to "
         "the strategy's quality floor (Cuttlefish: ceil(srank)), and takes the largest rank that meets the speed "
         "target (a per-layer Pareto choice); false = keep such a layer dense", default=False)
-    rank_fit: bool = _help(
-        "with rank_search: read a searched layer's rank off a line of seconds against rank fitted (Theil-Sen) to "
-        "every factorized timing of its shape, not off one timing per candidate rank: layers of one shape agree "
-        "and one noisy pass no longer decides a layer at the bar", default=False)
     factor_moments: Literal["zero", "projected"] = _help(
         "optimizer state of new factors: zero = fresh (step 0, zero moments); projected = W's Adam moments "
         "projected onto the factors (exp_avg_A = M_W B^T, exp_avg_B = A^T M_W, second moments through the squared "

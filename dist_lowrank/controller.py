@@ -127,7 +127,7 @@ class LowRankController:
                 plan, timing = keep_dense_where_not_faster(
                     plan, self.method.targets, self.input_shapes, self.cfg.switch.profile_iters,
                     self.cfg.switch.min_speedup, default_device(), seed=self.cfg.seed,
-                    rank_search=self.cfg.switch.rank_search, rank_fit=self.cfg.switch.rank_fit)
+                    rank_search=self.cfg.switch.rank_search)
                 plan = self.coordinator.agree(plan)
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)

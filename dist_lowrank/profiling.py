@@ -7,17 +7,13 @@ training, the candidates taking turns pass by pass so that load on a shared host
 Times are averaged over ranks with one all-reduce, so every rank takes the same decision.
 With rank_search, a layer that misses the speed target at the planned rank is timed once more (a
 second round, again one all-reduce for all layers) at a few lower ranks down to the strategy's
-quality floor, and takes the largest that is fast enough. With rank_fit, that rank is read off a line of
-seconds against rank fitted to every factorized timing of the layer's shape, not off one timing per candidate:
-a layer that sits at the bar no longer flips between two ranks on one noisy pass, and layers of one shape agree.
+quality floor, and takes the largest that is fast enough.
 Modules are rebuilt with random weights of the same shapes: timing does not depend on the values,
 and sharded engines (ZeRO-3, FSDP2) do not hold the real weights locally anyway. Those weights and
 inputs come from the plugin's seed inside a forked RNG: the user's global RNG stream is left as it was.
 """
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -193,32 +189,6 @@ def _timing_key(module: nn.Module, shape: tuple[int, ...], rank: Optional[int]) 
                    str(getattr(shape, "autocast", None)), rank)
 
 
-def fit_speed_line(points: list[tuple[int, float]]) -> Optional[tuple[float, float]]:
-    """(intercept, slope) of seconds against rank by Theil-Sen: the median of pairwise slopes, then the median
-    intercept, so one timing hit by load moves the line little. None with fewer than two distinct ranks or a
-    slope <= 0: the timings then show no cost of rank to model."""
-    slopes = [(t2 - t1) / (r2 - r1) for i, (r1, t1) in enumerate(points) for r2, t2 in points[i + 1:] if r2 != r1]
-    if not slopes:
-        return None
-    slope = statistics.median(slopes)
-    if slope <= 0:
-        return None
-    return statistics.median(t - slope * r for r, t in points), slope
-
-
-def fitted_rank(dense_s: float, line: tuple[float, float], planned: int, floor: int, min_speedup: float,
-                multiple: int = TENSOR_CORE_MULTIPLE) -> Optional[int]:
-    """The largest rank below `planned`, down to `floor`, whose time on the fitted line is `min_speedup` faster
-    than dense, rounded down to a multiple of `multiple` (tensor-core tiles) where one lies between the floor and
-    it, else exact; None if even the floor is too slow on the line."""
-    intercept, slope = line
-    rank = min(math.floor((dense_s / min_speedup - intercept) / slope), planned - 1)
-    if rank < max(floor, 1):
-        return None
-    rounded = rank // multiple * multiple
-    return rounded if rounded >= max(floor, 1) else rank
-
-
 def _all_reduce_mean(local: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (one all-reduce on the comm device); identity without a process group."""
     if is_distributed() and local.numel():
@@ -234,7 +204,7 @@ def _speedup(dense_t: float, fact_t: float) -> float:
 
 def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]],
                                 iters: int, min_speedup: float, device: torch.device,
-                                seed: int = 0, rank_search: bool = False, rank_fit: bool = False,
+                                seed: int = 0, rank_search: bool = False,
                                 timer: Timer = time_module) -> tuple[Plan, dict]:
     """Drop layers from the plan whose factorized form is not `min_speedup` faster; times averaged over ranks.
 
@@ -242,9 +212,7 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
     the target and has a quality floor `plan.floors[name]` below its planned rank is timed in round 2
     at `search_ranks(planned, floor)` and takes the LARGEST candidate that meets the target (the
     Pareto point: most spectral capacity at the required speed); it is kept dense only if even the
-    floor misses. Without a floor it is kept dense, as without the search. With `rank_fit` a searched layer's
-    rank comes from `fit_speed_line` over every factorized timing of its shape (all layers', both rounds) and
-    `fitted_rank`; the table row gets the line (`fit`). Each round is one
+    floor misses. Without a floor it is kept dense, as without the search. Each round is one
     all-reduce over all its layers, and every decision is taken on the averaged times, so every
     rank decides the same.
 
@@ -288,8 +256,6 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
     for (name, rank), fact_t in zip(jobs, time_round(jobs) if jobs else []):
         table[name]["candidates"].append({"rank": rank, "factorized_s": fact_t,
                                           "speedup": _speedup(table[name]["dense_s"], fact_t)})
-    lines = _speed_lines(table, {name: _timing_key(modules[name], shapes[name], None) for name in timed}) \
-        if rank_fit else {}
     for name in timed:
         row, planned = table[name], plan.ranks[name]
         if row["speedup"] >= min_speedup:
@@ -305,9 +271,6 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
             reasons[name] = f"kept dense: factorized at {planned_miss}{why}"
             continue
         floor = searched[name][-1]
-        if name in lines:
-            _choose_on_line(name, row, lines[name], planned, floor, min_speedup, planned_miss, ranks, reasons)
-            continue
         lower = row["candidates"][1:]  # largest first: the first that meets the target is the Pareto point
         hit = next((c for c in lower if c["speedup"] >= min_speedup), None)
         if hit is None:
@@ -326,38 +289,3 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
         if name not in table:
             reasons[name] = f"factorized: rank {plan.ranks[name]} (no activation shape recorded, not timed)"
     return replace(plan, ranks=ranks, reasons=reasons), table
-
-
-def _speed_lines(table: dict, family: dict[str, tuple]) -> dict[str, tuple[float, float, int]]:
-    """Per layer: (intercept, slope, timings used) of the line fitted to every factorized timing of its shape.
-    Layers of one shape share timings, so each (shape, rank) counts once."""
-    points: dict[tuple, dict[int, float]] = {}
-    for name, row in table.items():
-        for c in row["candidates"]:
-            points.setdefault(family[name], {})[c["rank"]] = c["factorized_s"]
-    lines = {}
-    for name in table:
-        timings = sorted(points[family[name]].items())
-        line = fit_speed_line(timings)
-        if line is not None:
-            lines[name] = (*line, len(timings))
-    return lines
-
-
-def _choose_on_line(name: str, row: dict, line: tuple[float, float, int], planned: int, floor: int,
-                    min_speedup: float, planned_miss: str, ranks: dict, reasons: dict) -> None:
-    """Set a searched layer's rank (or keep it dense) from its shape's fitted speed line; fill row and reason."""
-    intercept, slope, used = line
-    row["fit"] = {"intercept_s": intercept, "slope_s_per_rank": slope, "timings": used}
-    rank = fitted_rank(row["dense_s"], (intercept, slope), planned, floor, min_speedup)
-    where = f"on the speed line fitted to {used} timings of this shape"
-    if rank is None:
-        del ranks[name]
-        row["chosen_rank"], row["chosen_speedup"] = None, 1.0
-        reasons[name] = f"kept dense: no rank from {planned} down to floor {floor} is {min_speedup}x faster {where}"
-        return
-    speedup = _speedup(row["dense_s"], intercept + slope * rank)
-    ranks[name] = rank
-    row["chosen_rank"], row["chosen_speedup"] = rank, speedup
-    reasons[name] = (f"factorized: rank {rank} (searched from {planned} down to floor {floor}, {where}): "
-                     f"{speedup:.2f}x faster than dense ({planned_miss})")

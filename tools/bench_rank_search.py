@@ -2,7 +2,7 @@
 
 The plan (each layer's planned rank, and its quality floor where the run searched below it) comes from a run's
 `switch` event; the layers and their activation shapes from the config's model on one batch. The search
-(`keep_dense_where_not_faster`, the run's `min_speedup`, `profile_iters` unless --iters, its `rank_fit`) runs --trials times in
+(`keep_dense_where_not_faster`, the run's `min_speedup`, `profile_iters` unless --iters) runs --trials times in
 each of --processes processes at once (one thread each, as the ranks run: they contend for the machine the same
 way), without a process group, so every search decides alone. Printed: each search's seconds and total rank, how
 many distinct plans came out, and each layer that did not always get the same rank.
@@ -37,9 +37,9 @@ def plan_from_switch_event(event: dict) -> tuple[dict[str, int], dict[str, int]]
     return planned, floors
 
 
-def _search(job: tuple[Path, list[str], dict, dict, int, float, bool, int]) -> list[dict[str, Any]]:
+def _search(job: tuple[Path, list[str], dict, dict, int, float, int]) -> list[dict[str, Any]]:
     """One process: build the model, record shapes, search `trials` times; each search's seconds and ranks."""
-    config, overrides, planned, floors, iters, min_speedup, rank_fit, trials = job
+    config, overrides, planned, floors, iters, min_speedup, trials = job
     import torch
 
     torch.set_num_threads(1)
@@ -54,7 +54,7 @@ def _search(job: tuple[Path, list[str], dict, dict, int, float, bool, int]) -> l
     for _ in range(trials):
         start = time.perf_counter()
         kept, _table = keep_dense_where_not_faster(plan, modules, shapes, iters, min_speedup, torch.device("cpu"),
-                                                   rank_search=True, rank_fit=rank_fit)
+                                                   rank_search=True)
         out.append({"seconds": time.perf_counter() - start, "ranks": kept.ranks})
     return out
 
@@ -89,16 +89,14 @@ def main() -> None:
     if args.trials < 1 or args.processes < 1 or iters < 1:
         raise SystemExit("bench_rank_search: --trials, --processes and --iters must be >= 1")
     planned, floors = plan_from_switch_event(switches[0])
-    job = (args.config, args.override, planned, floors, iters, lowrank.switch.min_speedup, lowrank.switch.rank_fit,
-           args.trials)
+    job = (args.config, args.override, planned, floors, iters, lowrank.switch.min_speedup, args.trials)
     with mp.get_context("spawn").Pool(args.processes) as pool:
         searches = [s for result in pool.map(_search, [job] * args.processes) for s in result]
     data = {"machine": machine(), "run_ranks": switches[0].get("ranks"), "iters": iters,
-            "rank_fit": lowrank.switch.rank_fit,
             "min_speedup": lowrank.switch.min_speedup, "planned": planned, "floors": floors,
             **summarize(searches, sorted(planned))}
     print(f"{data['searches']} searches ({args.processes} processes at once, {iters} passes per candidate, bar "
-          f"{data['min_speedup']}x, rank_fit {data['rank_fit']}): {data['distinct_plans']} distinct plans; total rank "
+          f"{data['min_speedup']}x): {data['distinct_plans']} distinct plans; total rank "
           f"{min(data['total_rank'])}–{max(data['total_rank'])}; {min(data['seconds']):.1f}–"
           f"{max(data['seconds']):.1f} s per search")
     for name, ranks in data["varied"].items():

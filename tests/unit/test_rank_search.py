@@ -38,12 +38,12 @@ def linear_cost(width: int, rank):
     return 1.0 if rank is None else rank / 50
 
 
-def run(plan: Plan, timer, min_speedup: float, rank_search: bool = True, widths=None, rank_fit: bool = False):
+def run(plan: Plan, timer, min_speedup: float, rank_search: bool = True, widths=None):
     widths = widths or {name: 128 for name in plan.ranks}
     modules = {n: nn.Linear(w, w) for n, w in widths.items()}
     shapes = {n: (4, w) for n, w in widths.items()}
     return keep_dense_where_not_faster(plan, modules, shapes, iters=1, min_speedup=min_speedup, device=CPU,
-                                       rank_search=rank_search, rank_fit=rank_fit, timer=timer)
+                                       rank_search=rank_search, timer=timer)
 
 
 def test_candidate_grid_is_geometric_multiple_of_8_bounded_and_ends_at_the_floor():
@@ -191,44 +191,3 @@ def test_a_burst_of_load_does_not_change_the_decision():
                                                 rank_search=True, timer=timer)
     assert quiet.ranks == loaded.ranks == {"a": 32}  # 50/32 = 1.56x; 50/40 = 1.25x
     assert table["a"]["dense_s"] == 1.0 and table["a"]["factorized_s"] == 64 / 50
-
-
-def test_speed_line_is_theil_sen_and_shrugs_off_one_loaded_timing():
-    from dist_lowrank.profiling import fit_speed_line
-    exact = [(r, 0.1 + r / 100) for r in (16, 32, 48, 64)]
-    assert fit_speed_line(exact) == pytest.approx((0.1, 0.01))
-    loaded = exact[:2] + [(48, 5.0)] + exact[3:]  # one pass 10x slow: 4 of 6 pairwise slopes stay 0.01
-    assert fit_speed_line(loaded) == pytest.approx((0.1, 0.01))
-    assert fit_speed_line([(32, 0.5), (32, 0.6)]) is None  # one distinct rank: no slope
-    assert fit_speed_line([(16, 0.5), (32, 0.4)]) is None  # rank costs nothing: no model
-
-
-def test_fitted_rank_is_the_largest_multiple_of_8_on_the_line_within_floor_and_planned():
-    from dist_lowrank.profiling import fitted_rank
-    line = (0.0, 1 / 50)  # speed-up 50 / r
-    assert fitted_rank(1.0, line, planned=64, floor=20, min_speedup=1.5) == 32  # r <= 33.3 -> 32
-    assert fitted_rank(1.0, line, planned=30, floor=20, min_speedup=1.5) == 24  # capped below planned
-    assert fitted_rank(1.0, line, planned=64, floor=30, min_speedup=1.5) == 32
-    assert fitted_rank(1.0, line, planned=64, floor=33, min_speedup=1.5) == 33  # no multiple of 8 in [33, 33]
-    assert fitted_rank(1.0, line, planned=64, floor=40, min_speedup=1.5) is None  # floor 40 is 1.25x
-    assert fitted_rank(1.0, line, planned=10, floor=3, min_speedup=10.0) == 5  # below 8: exact
-
-
-def test_rank_fit_gives_layers_of_one_shape_one_rank_from_all_their_timings():
-    """Two blocks of one shape with different planned ranks and floors, so different candidate grids. Timed per
-    candidate, a noisy pass at the bar sends them to different ranks; on the fitted line they agree, and the rank
-    is the one computed by hand from the line."""
-    noise = {None: 1.0, 96: 96 / 50, 80: 80 / 50, 64: 64 / 50, 40: 40 / 50, 32: 0.9, 24: 24 / 50, 20: 20 / 50,
-             72: 72 / 50, 56: 56 / 50, 48: 48 / 50, 30: 30 / 50, 28: 28 / 50}  # rank 32 hit by load (true 0.64)
-    timer = FakeTimer(lambda w, r: noise[r])
-    plan = Plan("switch", 1, {"h0": 96, "h1": 80}, floors={"h0": 20, "h1": 28})
-    timed, _ = run(plan, timer, 1.5, rank_fit=False)
-    fitted, table = run(plan, FakeTimer(lambda w, r: noise[r]), 1.5, rank_fit=True)
-    grids = search_ranks(96, 20), search_ranks(80, 28)
-    assert 32 in grids[1] and 32 not in grids[0] and timed.ranks == {"h0": 24, "h1": 28}  # 2.08x; 1.79x
-    assert fitted.ranks == {"h0": 32, "h1": 32}  # 50 / 32 = 1.56x on the line a = 0, b = 1/50
-    assert table["h0"]["fit"]["slope_s_per_rank"] == pytest.approx(1 / 50)
-    assert table["h0"]["fit"]["timings"] == len({96, 80, *grids[0], *grids[1]})
-    assert table["h0"]["chosen_speedup"] == pytest.approx(50 / 32)
-    assert "speed line fitted to" in fitted.reasons["h1"] and "rank 32 (searched from 80 down to floor 28" \
-        in fitted.reasons["h1"]

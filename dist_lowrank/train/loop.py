@@ -6,6 +6,7 @@ telemetry.session (shared with the library API) counts, times and logs.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -90,15 +91,17 @@ def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
             batch = next(batches)
             context = controller.record_shapes() if controller else nullcontext()
             with context:
-                loss = task.loss_fn(backend.model, batch)
-            if controller:
-                loss = controller.regularize(loss)  # the method's penalty, where the engine owns the gradients
+                task_loss = task.loss_fn(backend.model, batch)
+            # the method's terms (a prior; a penalty where the engine owns the gradients) are trained, not logged
+            loss = controller.regularize(task_loss) if controller else task_loss
             backend.backward(loss)
             if controller:
                 controller.after_backward()
             clip_gradients(backend, run.grad_clip)  # the gradient the step uses, decay term included
             backend.step()
             loss_value = float(loss.detach())
+            if math.isfinite(loss_value):  # the logged loss is the task's, comparable with a run without the method
+                loss_value = float(task_loss.detach())
             if controller:  # records the step's traffic and time, then decides (its own traffic is not counted)
                 plan = controller.after_step(step, loss_value)
             else:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from dist_lowrank.config_io import digest
 from dist_lowrank.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -38,6 +39,16 @@ class Manifest:
     engine: dict[str, Any] = field(default_factory=dict)  # backend bookkeeping (DeepSpeed group layout, ...)
     param_shapes: dict[str, list[int]] = field(default_factory=dict)  # every parameter's global shape
     format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def of(cls, backend: Any, *, step: int, phase: str, switch_step: Optional[int],
+           controller: Optional[dict[str, Any]], config: dict[str, Any], world_size: int, seed: int) -> "Manifest":
+        """The manifest of a running engine (any backend: its name, bookkeeping and model give layout and shapes),
+        so the CLI's checkpoints and the HF Trainer's record the same fields the same way."""
+        model = backend.unwrapped_model()
+        return cls(step=step, phase=phase, switch_step=switch_step, layout=layout_of(model), controller=controller,
+                   config=config, config_digest=digest(config), world_size=world_size, seed=seed,
+                   backend=backend.name, engine=backend.engine_meta(), param_shapes=param_shapes(model))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -347,9 +347,8 @@ class LowRankTrainerMixin:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        from dist_lowrank.checkpoint.manifest import Manifest, layout_of, param_shapes, write_manifest
+        from dist_lowrank.checkpoint.manifest import Manifest, write_manifest
         from dist_lowrank.config import config_to_dict
-        from dist_lowrank.config_io import digest
 
         controller = self._lowrank_controller
         events = [e for e in (controller.events if controller else []) if e.get("event") in ("switch", "grow", "resize")]
@@ -359,11 +358,9 @@ class LowRankTrainerMixin:
         phase = "low" if switch is not None else "full"
         config = {"lowrank": config_to_dict(self._lowrank_cfg)}
         world = int(self.args.world_size)
-        manifest = Manifest(step=step, phase=phase, switch_step=switch, layout=layout_of(backend.unwrapped_model()),
-                            controller=controller.state_dict() if controller else None, config=config,
-                            config_digest=digest(config), world_size=world, seed=int(self.args.seed),
-                            backend=backend.name, engine=backend.engine_meta(),
-                            param_shapes=param_shapes(backend.unwrapped_model()))
+        manifest = Manifest.of(backend, step=step, phase=phase, switch_step=switch,
+                               controller=controller.state_dict() if controller else None, config=config,
+                               world_size=world, seed=int(self.args.seed))
         directory = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         if self.args.should_save and directory.is_dir():
             write_manifest(directory, manifest)

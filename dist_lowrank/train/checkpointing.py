@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from dist_lowrank.backends.base import Backend
-from dist_lowrank.checkpoint.manifest import (Manifest, check_layout, check_param_shapes, layout_of, param_shapes,
-                                              read_manifest, write_manifest)
+from dist_lowrank.checkpoint.manifest import (Manifest, check_layout, check_param_shapes, layout_of, read_manifest,
+                                              write_manifest)
 from dist_lowrank.checkpoint.store import begin_save, commit, resolve_checkpoint
 from dist_lowrank.config import LowRankConfig, config_to_dict
-from dist_lowrank.config_io import changed_keys, dataclass_to_dict, digest
+from dist_lowrank.config_io import changed_keys, dataclass_to_dict
 from dist_lowrank.errors import CheckpointError
 from dist_lowrank.faults import maybe_fault
 from dist_lowrank.train.run_config import RunConfig
@@ -59,10 +59,8 @@ def save_checkpoint(run: RunConfig, lowrank: LowRankConfig, backend: Backend, co
     directory = begin_save(root, step)
     world = dist.get_world_size() if dist.is_initialized() else 1
     config = config_dict(run, lowrank)
-    manifest = Manifest(step=step, phase=phase, switch_step=switch_step,
-                        layout=layout_of(backend.unwrapped_model()), controller=controller_state, config=config,
-                        config_digest=digest(config), world_size=world, seed=run.seed, backend=backend.name,
-                        engine=backend.engine_meta(), param_shapes=param_shapes(backend.unwrapped_model()))
+    manifest = Manifest.of(backend, step=step, phase=phase, switch_step=switch_step, controller=controller_state,
+                           config=config, world_size=world, seed=run.seed)
     text = manifest.to_json()
     backend.save_state(directory, text)
     maybe_fault("save", step)

@@ -64,6 +64,10 @@ class SwitchConfig:
         "with profile_layers: a layer not min_speedup faster at the rule's rank is timed at lower ranks, down to "
         "the strategy's quality floor (Cuttlefish: ceil(srank)), and takes the largest rank that meets the speed "
         "target (a per-layer Pareto choice); false = keep such a layer dense", default=False)
+    speed_table: Optional[str] = _help(
+        "with profile_layers: a layer-time table measured beforehand on this device (tools/bench_speed_table.py) "
+        "that the switch reads instead of timing live, so every run takes the same plan; shapes or ranks it does "
+        "not cover are timed live (null = time everything live)", default=None)
     factor_moments: Literal["zero", "projected"] = _help(
         "optimizer state of new factors: zero = fresh (step 0, zero moments); projected = W's Adam moments "
         "projected onto the factors (exp_avg_A = M_W B^T, exp_avg_B = A^T M_W, second moments through the squared "

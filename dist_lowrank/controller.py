@@ -24,7 +24,8 @@ from dist_lowrank.methods import build_method, check_run
 from dist_lowrank.methods.base import Probe
 from dist_lowrank.monitor import RankMonitor
 from dist_lowrank.plan import Plan
-from dist_lowrank.profiling import keep_dense_where_not_faster, record_input_shapes
+from dist_lowrank.profiling import Timer, keep_dense_where_not_faster, record_input_shapes, time_module
+from dist_lowrank.speed_table import SpeedTable, table_timer
 
 log = logging.getLogger("dist_lowrank")
 
@@ -46,6 +47,10 @@ class LowRankController:
         self.method = build_method(cfg, backend, steps_per_epoch=steps_per_epoch, finished=finished)
         self.monitor = RankMonitor(cfg.monitor.method, cfg.monitor.steps, rtol=cfg.monitor.rtol, seed=cfg.seed)
         self.coordinator = Coordinator()
+        self.timer: Timer = time_module
+        if cfg.switch.speed_table and cfg.switch.profile_layers and not finished:
+            with self.coordinator.shared_failure(f"reading switch.speed_table {cfg.switch.speed_table}"):
+                self.timer = table_timer(SpeedTable.load(cfg.switch.speed_table))
         self.probe = Probe(backend, self.monitor, self.coordinator, self._emit)
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.skipped_steps = 0
@@ -127,7 +132,7 @@ class LowRankController:
                 plan, timing = keep_dense_where_not_faster(
                     plan, self.method.targets, self.input_shapes, self.cfg.switch.profile_iters,
                     self.cfg.switch.min_speedup, default_device(), seed=self.cfg.seed,
-                    rank_search=self.cfg.switch.rank_search)
+                    rank_search=self.cfg.switch.rank_search, timer=self.timer)
                 plan = self.coordinator.agree(plan)
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)

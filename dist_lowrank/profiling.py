@@ -72,7 +72,7 @@ def record_input_shapes(model: nn.Module, names: list[str], shapes: dict[str, tu
             h.remove()
 
 
-def _param_dtype(shape: tuple[int, ...]) -> torch.dtype:
+def param_dtype(shape: tuple[int, ...]) -> torch.dtype:
     """Stand-in weights' dtype: fp32 under autocast (autocast casts them, as in training), else the input's."""
     dtype = getattr(shape, "dtype", torch.float32)
     if getattr(shape, "autocast", None) is not None or not dtype.is_floating_point:
@@ -80,7 +80,7 @@ def _param_dtype(shape: tuple[int, ...]) -> torch.dtype:
     return dtype
 
 
-def _stand_in(module: nn.Module, rank: Optional[int], device: torch.device,
+def stand_in(module: nn.Module, rank: Optional[int], device: torch.device,
               dtype: torch.dtype = torch.float32) -> nn.Module:
     """A module of the same shape (dense when rank is None, factorized at `rank` otherwise), on `device`
     in `dtype`."""
@@ -175,12 +175,16 @@ def time_interleaved(stand_ins: list[tuple[nn.Module, tuple]], iters: int, devic
     return best
 
 
-def _timing_key(module: nn.Module, shape: tuple[int, ...], rank: Optional[int]) -> tuple:
+def timing_key(module: nn.Module, shape: tuple[int, ...], rank: Optional[int]) -> tuple:
     """What a stand-in's time depends on: its kind and dimensions, the input's shape, dtype and autocast,
     and the rank (None = dense)."""
-    if isinstance(module, nn.Conv2d):
-        dims: tuple = ("conv2d", module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                       module.padding, module.dilation, module.bias is not None)
+    if isinstance(module, LowRankConv2d):  # a factorized stand-in: the dimensions of the conv it replaces
+        first, second = module.first, module.second
+        dims: tuple = ("conv2d", first.in_channels, second.out_channels, first.kernel_size, first.stride,
+                       first.padding, first.dilation, second.bias is not None)
+    elif isinstance(module, nn.Conv2d):
+        dims = ("conv2d", module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                module.padding, module.dilation, module.bias is not None)
     elif is_hf_conv1d(module):
         dims = ("linear", module.nx, module.nf)
     else:
@@ -231,11 +235,11 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
     def time_round(jobs: list[tuple[str, Optional[int]]]) -> list[float]:
         """Seconds per (layer, rank) job; each distinct stand-in is timed once and shared, so layers of
         the same shape (every block of a transformer) get the same times and the same decision."""
-        keys = [_timing_key(modules[name], shapes[name], rank) for name, rank in jobs]
+        keys = [timing_key(modules[name], shapes[name], rank) for name, rank in jobs]
         unique = list(dict.fromkeys(keys))
         first_job = {key: job for key, job in zip(reversed(keys), reversed(jobs))}
         with plugin_rng(seed, device):
-            stand_ins = [(_stand_in(modules[name], rank, device, _param_dtype(shapes[name])), shapes[name])
+            stand_ins = [(stand_in(modules[name], rank, device, param_dtype(shapes[name])), shapes[name])
                          for name, rank in (first_job[key] for key in unique)]
             local = torch.tensor(time_interleaved(stand_ins, iters, device, timer), dtype=torch.float64)
         averaged = [float(t) for t in _all_reduce_mean(local)]

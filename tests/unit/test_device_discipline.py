@@ -141,21 +141,21 @@ def test_check_catches_an_unmoved_batch_and_a_host_collective(one_rank_group):
 
 
 def test_layer_timing_runs_in_the_training_dtype():
-    from dist_lowrank.profiling import InputShape, _param_dtype, _stand_in, record_input_shapes, time_module
+    from dist_lowrank.profiling import InputShape, param_dtype, stand_in, record_input_shapes, time_module
 
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).to(torch.bfloat16)
     shapes: dict = {}
     with record_input_shapes(model, ["1"], shapes):
         model(torch.randn(3, 8, dtype=torch.bfloat16))
     assert shapes["1"] == (3, 16) and shapes["1"].dtype == torch.bfloat16 and shapes["1"].autocast is None
-    stand_in = _stand_in(model[1], 4, torch.device("cpu"), _param_dtype(shapes["1"]))
-    assert {p.dtype for p in stand_in.parameters()} == {torch.bfloat16}
-    assert time_module(stand_in, shapes["1"], 1, torch.device("cpu")) > 0
+    factorized = stand_in(model[1], 4, torch.device("cpu"), param_dtype(shapes["1"]))
+    assert {p.dtype for p in factorized.parameters()} == {torch.bfloat16}
+    assert time_module(factorized, shapes["1"], 1, torch.device("cpu")) > 0
 
     fp32 = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
     shapes = {}
     with record_input_shapes(fp32, ["1"], shapes), torch.autocast("cpu", dtype=torch.bfloat16):
         fp32(torch.randn(3, 8))
-    assert shapes["1"].autocast == torch.bfloat16 and _param_dtype(shapes["1"]) == torch.float32
-    assert time_module(_stand_in(fp32[1], None, torch.device("cpu")), shapes["1"], 1, torch.device("cpu")) > 0
-    assert _param_dtype(InputShape((2, 3))) == torch.float32
+    assert shapes["1"].autocast == torch.bfloat16 and param_dtype(shapes["1"]) == torch.float32
+    assert time_module(stand_in(fp32[1], None, torch.device("cpu")), shapes["1"], 1, torch.device("cpu")) > 0
+    assert param_dtype(InputShape((2, 3))) == torch.float32

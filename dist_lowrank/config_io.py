@@ -350,6 +350,20 @@ def canonical_json(obj: Any) -> str:
                       separators=(",", ":"))
 
 
+def read_json_object(path: Path, error: type[Exception], missing: str, label: str = "") -> dict:
+    """The JSON object in `path`, or one `error` line "<label><path>: <what is wrong>" (missing, not JSON, not an
+    object): a checkpoint manifest and a speed table fail the same way."""
+    if not path.is_file():
+        raise error(f"{label}{path}: {missing}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{label}{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise error(f"{label}{path}: expected a JSON object")
+    return data
+
+
 def digest(obj: Any) -> str:
     """SHA-256 of the canonical JSON of a config (detects a changed config on resume)."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()

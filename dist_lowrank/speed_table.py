@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from dist_lowrank.config_io import read_json_object
 from dist_lowrank.errors import ConfigError
 from dist_lowrank.layers.shapes import matrix_dims
 from dist_lowrank.profiling import (Timer, param_dtype, plugin_rng, stand_in, time_interleaved, time_module,
@@ -89,13 +90,8 @@ class SpeedTable:
     def load(path: str | Path) -> "SpeedTable":
         """The table in `path`; a ConfigError naming the file and what is wrong with it."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"switch.speed_table: {path}: no such file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"switch.speed_table: {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = read_json_object(path, ConfigError, "no such file", label="switch.speed_table: ")
+        if data.get("format") != FORMAT:
             raise ConfigError(f"switch.speed_table: {path}: not a speed table (format must be {FORMAT!r}; "
                               "write one with tools/bench_speed_table.py)")
         try:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from dist_lowrank.config_io import digest
+from dist_lowrank.config_io import digest, read_json_object
 from dist_lowrank.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -63,14 +63,8 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
 def read_manifest(directory: Path) -> Manifest:
     """The manifest of a checkpoint directory; one CheckpointError line naming the file if it is unusable."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (not a dist_lowrank checkpoint, or its save did not finish)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    data = read_json_object(path, CheckpointError,
+                            "missing (not a dist_lowrank checkpoint, or its save did not finish)")
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {data.get('format_version')!r}; this version reads "
                               f"{FORMAT_VERSION}")

@@ -347,3 +347,31 @@ def test_rank_search_repeatability_arithmetic() -> None:
     out = summarize(searches, ["a", "b"])
     assert out["distinct_plans"] == 3 and out["total_rank"] == [137, 129, 49, 137]
     assert out["varied"] == {"a": [0, 80, 88]} and out["seconds"] == [1.0, 2.0, 1.5, 1.2]
+
+
+@pytest.mark.unit
+def test_bench_speed_table_smallest(tmp_path: Path) -> None:
+    """The tool's table on the tiny GPT: one entry per distinct targeted shape (its MLP: 32->128 and 128->32 at the
+    config's per-rank batch), every 8th rank below full rank and rank 1, readable by the switch."""
+    import torch
+    from bench_speed_table import largest_rank_at
+    from torch import nn
+
+    from dist_lowrank.profiling import InputShape
+    from dist_lowrank.speed_table import SpeedTable, shape_key
+
+    assert largest_rank_at({"dense_s": 1.0, "ranks": {8: 0.4, 16: 0.5, 24: 0.9}}, 2.0) == 16
+    assert largest_rank_at({"dense_s": 1.0, "ranks": {8: 0.6}}, 2.0) is None
+    out = tmp_path / "table.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_speed_table.py"), "--config",
+                           str(ROOT / "tests" / "e2e" / "tiny_gpt.yaml"), "--out", str(out), "--passes", "1",
+                           "--trials", "1", "--processes", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = SpeedTable.load(out)
+    cpu = torch.device("cpu")
+    keys = {shape_key(nn.Linear(32, 128), InputShape((4, 32, 32)), cpu),
+            shape_key(nn.Linear(128, 32), InputShape((4, 32, 128)), cpu)}
+    assert set(table.entries) == keys
+    assert all(sorted(e["ranks"]) == [1, 8, 16, 24] for e in table.entries.values())
+    assert table.meta["measurements"] == 1 and table.meta["processes"] == 1

@@ -39,8 +39,7 @@ def device_kind(device: torch.device) -> str:
 def shape_key(module: nn.Module, shape: tuple[int, ...], device: torch.device) -> str:
     """The table's key of a layer: everything its time depends on but the rank (the device kind, the layer's kind
     and dimensions, the input's shape, dtype and autocast), as JSON text."""
-    return json.dumps([device_kind(device), *(part if isinstance(part, (int, float, str, bool, type(None), tuple))
-                                              else str(part) for part in timing_key(module, shape, None)[:-1])])
+    return json.dumps([device_kind(device), *timing_key(module, shape, None)[:-1]])
 
 
 class SpeedTable:

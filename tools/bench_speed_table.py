@@ -7,8 +7,8 @@ for the machine the same way), and the median of those timings is written. Print
 rank that is --bar times faster than dense in the median table, and its range over the single measurements (how
 much a switch that times live would move).
 
-    python tools/bench_speed_table.py --out configs/speed_table_cpu2.json [--config configs/gpt_shakespeare_zero2.yaml]
-        [--passes 5] [--trials 3] [--processes 2] [--bar 2.0]
+    python tools/bench_speed_table.py --out configs/gpt_shakespeare_zero2.speed_table.json \\
+        [--config configs/gpt_shakespeare_zero2.yaml] [--passes 5] [--trials 3] [--processes 2] [--bar 2.0]
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ def _measure(job: tuple[Path, list[str], int, int, int]) -> list:
 
     torch.set_num_threads(1)
     from dist_lowrank.speed_table import measure_speed_table
-
     from dist_lowrank.targeting import select_targets
 
     run, lowrank, task, model = task_and_model(config, overrides)
@@ -65,9 +64,10 @@ def main() -> None:
     job = (args.config, args.override, args.passes, args.trials, args.step)
     with mp.get_context("spawn").Pool(args.processes) as pool:
         single = [SpeedTable(e) for result in pool.map(_measure, [job] * args.processes) for e in result]
+    config = Path(args.config).resolve()
     meta = {"machine": machine(), "date": datetime.date.today().isoformat(),
-            "config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
-            else str(args.config), "overrides": args.override, "passes": args.passes, "trials": args.trials,
+            "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
+            "overrides": args.override, "passes": args.passes, "trials": args.trials,
             "processes": args.processes, "measurements": len(single), "statistic": "median"}
     table = SpeedTable.median(single, meta)
     table.save(args.out)

@@ -25,8 +25,6 @@ __all__ = ["LowRankConfig", "MonitorConfig", "CuttlefishConfig", "InRankConfig",
            "changed_keys", "apply_overrides", "describe_schema", "schema_markdown"]
 
 
-
-
 @dataclass
 class MonitorConfig:
     """How and when stable ranks are estimated."""
@@ -45,12 +43,6 @@ class MonitorConfig:
     rtol: float = _help("stop the Krylov steps early once every layer's sigma_max moved less than this (relative) "
                         "in one step, agreed by all ranks; 0 = always run `steps`",
                         check=Range(lo=0.0, hi=1.0, hi_open=True), default=1e-5)
-
-
-
-
-
-
 
 
 @dataclass
@@ -158,6 +150,9 @@ def config_from_dict(data: Any, path: str = "lowrank") -> LowRankConfig:
     if cut.max_switch_step is not None and cut.max_switch_step < cut.min_switch_step:
         raise ConfigError(f"{path}.cuttlefish.max_switch_step: got {cut.max_switch_step}; "
                           f"allowed: >= min_switch_step ({cut.min_switch_step}) or null")
+    if cut.search_above_saving and not (cfg.switch.profile_layers and cfg.switch.rank_search):
+        raise ConfigError(f"{path}.cuttlefish.search_above_saving: needs {path}.switch.profile_layers and "
+                          f"{path}.switch.rank_search (without the search such a layer is factorized near break-even)")
     return cfg
 
 

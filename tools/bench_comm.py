@@ -49,7 +49,8 @@ def main() -> None:
     engines = args.backends.split(",")
     if any(e not in ENGINES for e in engines):
         raise SystemExit(f"bench_comm: --backends: allowed {', '.join(ENGINES)}")
-    extra = [] if args.keep_dense_by_timing else ["lowrank.switch.profile_layers=false"]
+    extra = [] if args.keep_dense_by_timing else ["lowrank.switch.profile_layers=false",
+                                                  "lowrank.cuttlefish.search_above_saving=false"]  # needs profiling
     if args.rank_rule:
         extra.append(f"lowrank.cuttlefish.rank_rule={args.rank_rule}")
     results = {}

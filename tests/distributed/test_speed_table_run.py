@@ -25,15 +25,19 @@ SEARCH = ["lowrank.cuttlefish.rank_rule=scaled", "lowrank.switch.profile_layers=
 
 def test_the_switch_takes_the_plan_of_the_table(tmp_path):
     table = SpeedTable({shape_key(layer, shape, CPU): {"dense_s": 1.0, "ranks": {r: r * PER_RANK[name]
-                                                                                for r in (1, 8, 16, 24)}}
+                                                                                for r in (1, 8, 16, 24, 32)}}
                         for name, (layer, shape) in SHAPES.items()})
     path = table.save(tmp_path / "table.json")
     out = tmp_path / "run"
-    cli(out, SEARCH + [f"lowrank.switch.speed_table={path}"])
+    cli(out, SEARCH + [f"lowrank.switch.speed_table={path}", "lowrank.cuttlefish.search_above_saving=true"])
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     (switch,) = [e for e in events if e["event"] == "switch"]
     assert switch["step"] == 8
     assert any(len(row["candidates"]) > 1 for row in switch["timing"].values())  # the search went below a plan
+    # search_above_saving: a layer whose scaled rank saves nothing is searched from the last rank that saves any
+    # (32x128: 25) instead of kept dense
+    capped = [n for n, row in switch["timing"].items() if row["candidates"][0]["rank"] == 25]
+    assert capped and all(switch["ranks"].get(n) != 25 for n in capped)  # 25 is 0.8x dense here: searched lower
     for name, row in switch["timing"].items():
         kind = next(k for k in PER_RANK if name.endswith(k))  # h.0.mlp.c_fc -> mlp.c_fc
         candidates = [c["rank"] for c in row["candidates"]]

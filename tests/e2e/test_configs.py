@@ -47,6 +47,7 @@ SHRINK = {
 STRATEGY = {
     "cuttlefish": ["lowrank.monitor.cadence_steps=2", "lowrank.cuttlefish.min_switch_step=0",
                    "lowrank.cuttlefish.max_switch_step=4", "lowrank.switch.profile_layers=false",
+                   "lowrank.cuttlefish.search_above_saving=false",  # needs profile_layers
                    "lowrank.cuttlefish.rank_rule=raw"],  # at width 32 the scaled rule saves nothing
     "inrank": ["lowrank.inrank.warmup=2", "lowrank.inrank.gap=2"],
     "dlrt": ["lowrank.dlrt.init_rank=8"],

@@ -63,6 +63,8 @@ BAD = [
     ({"switch": {"min_speedup": float("inf")}}, "lowrank.switch.min_speedup", "a finite float"),
     ({"cuttlefish": {"min_switch_step": 10, "max_switch_step": 5}}, "lowrank.cuttlefish.max_switch_step",
      "allowed: >= min_switch_step (10)"),
+    ({"cuttlefish": {"search_above_saving": True}}, "lowrank.cuttlefish.search_above_saving",
+     "needs lowrank.switch.profile_layers and lowrank.switch.rank_search"),
     # targets
     ({"target_modules": []}, "lowrank.target_modules", "empty"),
     ({"target_modules": ""}, "lowrank.target_modules", "empty"),

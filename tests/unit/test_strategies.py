@@ -136,6 +136,18 @@ def test_raw_rule_floor_cap_and_no_saving_exclusion():
     assert "saves no parameters" in plan.reasons["w"]  # ceil(32 * 1.5) = 48 >= 64*64/128 = 32
 
 
+def test_search_above_saving_plans_the_last_saving_rank_with_the_raw_floor():
+    """A layer whose scaled rank saves nothing is handed to the rank search at max_saving_rank with floor
+    ceil(srank) — only when that floor itself saves parameters; otherwise it stays dense as before."""
+    cfg = CuttlefishConfig(max_switch_step=10, search_above_saving=True)
+    strategy = CuttlefishStrategy(cfg, {"w": (64, 64), "narrow": (64, 64)})
+    strategy.observe(0, {"w": 2.0, "narrow": 2.0})  # xi = 32 for both
+    plan = strategy.observe(10, {"w": 1.5, "narrow": 40.0})  # scaled ranks 48 and 64: neither saves (>= 32)
+    assert plan is not None and plan.ranks == {"w": 31} and plan.floors == {"w": 2}  # 31 = (64*64 - 1) // 128
+    assert "48 capped at the last rank that saves parameters" in plan.reasons["w"]
+    assert "narrow" not in plan.ranks and "saves no parameters" in plan.reasons["narrow"]  # floor 40 >= 32
+
+
 def test_nonconverging_switches_only_when_forced():
     oscillating = {"a": lambda s: 2.0 + (s // 10 % 2), "b": lambda s: 2.0}
     free = CuttlefishStrategy(CuttlefishConfig(threshold=0.01, relax_threshold=False), DIMS)

@@ -23,6 +23,11 @@ class CuttlefishConfig:
     rank_rule: Literal["scaled", "raw"] = _help(
         "scaled: r = ceil(xi * srank) with xi = min(m,n)/srank(W_0); raw: r = ceil(srank)", default="scaled"
     )
+    search_above_saving: bool = _help(
+        "scaled rule: a layer whose rank saves no parameters is planned at the largest rank that still does, with "
+        "its raw-rule floor ceil(srank), instead of kept dense, so the switch's rank search can take it lower (needs "
+        "switch.profile_layers and switch.rank_search: without the search it would be factorized near break-even)",
+        default=False)
     floor_fraction: float = _help("rank floor as a fraction of full rank, in [0, 1]", check=Range(0, 1), default=0.0)
     min_switch_step: int = _help("never switch before this optimizer step", check=ge(0), default=0)
     max_switch_step: Optional[int] = _help("switch at this step at the latest, stable or not (null = never force)", check=ge(0), default=None)

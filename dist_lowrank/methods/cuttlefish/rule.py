@@ -15,7 +15,11 @@ one or two tracked layers has no stragglers; the reference would relax it from t
 Ranks: scaled rule r = ceil(ξ·srank_t) with ξ = min(m,n)/srank(W_0) from the init measurement
 (srank 0 or no finite init value: ξ = 1), or raw r = ceil(srank_t); capped at min(m,n), floored at
 max(min_rank, ceil(floor_fraction·min(m,n))); layers where r gives no parameter saving
-(r ≥ mn/(m+n)) stay dense, with a reason in the plan.
+(r ≥ mn/(m+n)) stay dense, with a reason in the plan — unless `search_above_saving` is set and the
+layer's floor (below) does save parameters: then it is planned at the largest rank that saves any
+(max_saving_rank), so the switch's rank search can look for a rank between that and the floor that is
+fast enough (the square attention projections of a GPT, whose scaled rank is 57–70% of full, are
+otherwise never factorized).
 
 Quality floors (scaled rule only): the raw rule's rank max(min_rank, ceil(floor_fraction·min(m,n)),
 ceil(srank_t)) is the lowest rank the strategy accepts, put in Plan.floors; the switch's rank search
@@ -28,7 +32,7 @@ import math
 from typing import Any, Optional
 
 from dist_lowrank.methods.cuttlefish.config import CuttlefishConfig
-from dist_lowrank.layers import saves_parameters
+from dist_lowrank.layers import max_saving_rank, saves_parameters
 from dist_lowrank.plan import Plan
 from dist_lowrank.methods.rule import NonFiniteFilter, Strategy
 
@@ -125,17 +129,20 @@ class CuttlefishStrategy(Strategy):
                 reasons[name] = "kept dense: no finite stable-rank observation"
                 continue
             m, n = self.dims[name]
-            rank = self.choose_rank(name, hist[-1])
+            rank, capped = self.choose_rank(name, hist[-1]), ""
             if not saves_parameters(m, n, rank):
-                reasons[name] = f"kept dense: rank {rank} saves no parameters for {m}x{n}"
-                continue
+                if not (self.cfg.search_above_saving and self.cfg.rank_rule == "scaled"
+                        and saves_parameters(m, n, self.quality_floor(name, hist[-1]))):
+                    reasons[name] = f"kept dense: rank {rank} saves no parameters for {m}x{n}"
+                    continue
+                rank, capped = max_saving_rank(m, n), f" {rank} capped at the last rank that saves parameters"
             ranks[name] = rank
             state = "stable" if self.stable[name] else "not stable"
             floor = ""
             if self.cfg.rank_rule == "scaled":
                 floors[name] = min(rank, self.quality_floor(name, hist[-1]))
                 floor = f", floor {floors[name]}"
-            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule, srank {hist[-1]:.3f}{floor}, {state}; {why})"
+            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule{capped}, srank {hist[-1]:.3f}{floor}, {state}; {why})"
         return Plan("switch", step, ranks, reasons=reasons, floors=floors)
 
     def state_dict(self) -> dict[str, Any]:

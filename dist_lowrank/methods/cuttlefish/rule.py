@@ -18,8 +18,8 @@ max(min_rank, ceil(floor_fraction·min(m,n))); layers where r gives no parameter
 (r ≥ mn/(m+n)) stay dense, with a reason in the plan — unless `search_above_saving` is set and the
 layer's floor (below) does save parameters: then it is planned at the largest rank that saves any
 (max_saving_rank), so the switch's rank search can look for a rank between that and the floor that is
-fast enough (the square attention projections of a GPT, whose scaled rank is 57–70% of full, are
-otherwise never factorized).
+fast enough (the demo GPT's square attn.c_proj layers, scaled rank 57–70% of full, are otherwise
+never factorized).
 
 Quality floors (scaled rule only): the raw rule's rank max(min_rank, ceil(floor_fraction·min(m,n)),
 ceil(srank_t)) is the lowest rank the strategy accepts, put in Plan.floors; the switch's rank search
@@ -142,7 +142,8 @@ class CuttlefishStrategy(Strategy):
             if self.cfg.rank_rule == "scaled":
                 floors[name] = min(rank, self.quality_floor(name, hist[-1]))
                 floor = f", floor {floors[name]}"
-            reasons[name] = f"rank {rank} ({self.cfg.rank_rule} rule{capped}, srank {hist[-1]:.3f}{floor}, {state}; {why})"
+            rule = f"{self.cfg.rank_rule} rule{capped}"
+            reasons[name] = f"rank {rank} ({rule}, srank {hist[-1]:.3f}{floor}, {state}; {why})"
         return Plan("switch", step, ranks, reasons=reasons, floors=floors)
 
     def state_dict(self) -> dict[str, Any]:

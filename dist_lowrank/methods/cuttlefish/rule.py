@@ -129,10 +129,10 @@ class CuttlefishStrategy(Strategy):
                 reasons[name] = "kept dense: no finite stable-rank observation"
                 continue
             m, n = self.dims[name]
-            rank, capped = self.choose_rank(name, hist[-1]), ""
+            rank, lowest, capped = self.choose_rank(name, hist[-1]), self.quality_floor(name, hist[-1]), ""
             if not saves_parameters(m, n, rank):
                 if not (self.cfg.search_above_saving and self.cfg.rank_rule == "scaled"
-                        and saves_parameters(m, n, self.quality_floor(name, hist[-1]))):
+                        and saves_parameters(m, n, lowest)):
                     reasons[name] = f"kept dense: rank {rank} saves no parameters for {m}x{n}"
                     continue
                 rank, capped = max_saving_rank(m, n), f" {rank} capped at the last rank that saves parameters"
@@ -140,7 +140,7 @@ class CuttlefishStrategy(Strategy):
             state = "stable" if self.stable[name] else "not stable"
             floor = ""
             if self.cfg.rank_rule == "scaled":
-                floors[name] = min(rank, self.quality_floor(name, hist[-1]))
+                floors[name] = min(rank, lowest)
                 floor = f", floor {floors[name]}"
             rule = f"{self.cfg.rank_rule} rule{capped}"
             reasons[name] = f"rank {rank} ({rule}, srank {hist[-1]:.3f}{floor}, {state}; {why})"

@@ -12,9 +12,10 @@ import multiprocessing
 import os
 import socket
 import sys
+import time
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from dist_lowrank.config import LowRankConfig
 from dist_lowrank.errors import DistLowRankError
@@ -120,23 +121,37 @@ def run_training(run: RunConfig, lowrank: LowRankConfig) -> Optional[dict[str, A
     return json.loads(summary_path.read_text()) if summary_path.exists() else None
 
 
-def _spawn_ranks(world: int, args: tuple) -> None:
-    """Start `world` fresh interpreters (spawn: no inherited threads or device state) running `_worker`;
-    the first rank that exits non-zero stops the others and is reported in one line, as torch's mp.spawn
-    does, without importing torch in this parent."""
+FAILURE_GRACE_S = 10.0
+"""How long the other ranks get, after the first one fails, to end by themselves. Most failures are
+raised on every rank (a bad checkpoint, a config check, Coordinator.shared_failure), a little apart: a rank
+stopped at once would lose its own named error line (CI saw a ZeRO-3 rank still loading when its peer had
+already failed). A rank still running after the grace is stopped."""
+
+
+def _spawn_ranks(world: int, args: tuple, target: Callable[..., None] = _worker,
+                 grace_s: float = FAILURE_GRACE_S) -> None:
+    """Start `world` fresh interpreters (spawn: no inherited threads or device state) running `target`;
+    after the first rank that exits non-zero the others get `grace_s` to end by themselves and are then
+    stopped, and that first rank is reported in one line, as torch's mp.spawn does, without importing torch
+    in this parent."""
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(rank, world) + args, name=f"rank{rank}") for rank in range(world)]
+    procs = [context.Process(target=target, args=(rank, world) + args, name=f"rank{rank}") for rank in range(world)]
     for proc in procs:
         proc.start()
     failed: Optional[tuple[int, int]] = None
     try:
         running = list(procs)
-        while running and failed is None:
-            wait([p.sentinel for p in running])
+        deadline: Optional[float] = None
+        while running:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                break
+            wait([p.sentinel for p in running], timeout=timeout)
             for proc in [p for p in running if p.exitcode is not None]:
                 running.remove(proc)
                 if proc.exitcode != 0 and failed is None:
                     failed = (procs.index(proc), proc.exitcode)
+                    deadline = time.monotonic() + grace_s
     finally:
         for proc in procs:
             if proc.is_alive():

@@ -99,9 +99,11 @@ def _train(run: RunConfig, lowrank: LowRankConfig) -> dict[str, Any]:
                 controller.after_backward()
             clip_gradients(backend, run.grad_clip)  # the gradient the step uses, decay term included
             backend.step()
-            loss_value = float(loss.detach())
-            if math.isfinite(loss_value):  # the logged loss is the task's, comparable with a run without the method
-                loss_value = float(task_loss.detach())
+            # the logged loss is the task's, comparable with a run without the method, unless the trained one is not
+            # finite; both read in one transfer (one device sync per step)
+            total_value, task_value = (torch.stack([loss.detach(), task_loss.detach()]).tolist()
+                                       if loss is not task_loss else [float(loss.detach())] * 2)
+            loss_value = task_value if math.isfinite(total_value) else total_value
             if controller:  # records the step's traffic and time, then decides (its own traffic is not counted)
                 plan = controller.after_step(step, loss_value)
             else:

@@ -25,6 +25,7 @@ from dist_lowrank.methods.base import Probe
 from dist_lowrank.monitor import RankMonitor
 from dist_lowrank.plan import Plan
 from dist_lowrank.profiling import Timer, keep_dense_where_not_faster, record_input_shapes, time_module
+from dist_lowrank.rank_alignment import align_plan
 from dist_lowrank.speed_table import SpeedTable, table_timer
 
 log = logging.getLogger("dist_lowrank")
@@ -127,7 +128,8 @@ class LowRankController:
         describes the change, the engine reshards (after a barrier), the method records it, the event is logged."""
         timing: dict[str, Any] = {}
         if plan.kind == "switch":
-            plan = replace(plan, factor_moments=self.cfg.switch.factor_moments, lr_scale=self.cfg.switch.lr_scale)
+            plan = replace(align_plan(plan, self.method.targets, self.cfg.switch.rank_multiple),
+                           factor_moments=self.cfg.switch.factor_moments, lr_scale=self.cfg.switch.lr_scale)
             if self.cfg.switch.profile_layers and plan.ranks:
                 plan, timing = keep_dense_where_not_faster(
                     plan, self.method.targets, self.input_shapes, self.cfg.switch.profile_iters,

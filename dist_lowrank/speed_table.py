@@ -102,9 +102,11 @@ class SpeedTable:
 
 
 def measure_speed_table(modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]], iters: int,
-                        device: torch.device, step: int = 8, seed: int = 0, timer: Timer = time_module) -> SpeedTable:
-    """Time every distinct layer shape dense and at ranks step, 2·step, … below its full rank (and rank 1), the
-    stand-ins taking turns pass by pass as at the switch; the fastest of `iters` passes each."""
+                        device: torch.device, step: int = 8, seed: int = 0, timer: Timer = time_module,
+                        ranks: Optional[Sequence[int]] = None) -> SpeedTable:
+    """Time every distinct layer shape dense and at ranks step, 2·step, … below its full rank (and rank 1), or at
+    `ranks` (those below full rank), the stand-ins taking turns pass by pass as at the switch; the fastest of
+    `iters` passes each."""
     jobs: dict[str, tuple[nn.Module, tuple]] = {}
     for name in sorted(modules):
         if name in shapes:
@@ -112,11 +114,11 @@ def measure_speed_table(modules: dict[str, nn.Module], shapes: dict[str, tuple[i
     entries: dict[str, dict] = {}
     for key, (module, shape) in jobs.items():
         full = min(matrix_dims(module))
-        ranks = sorted({1, *range(step, full, step)})
+        timed = sorted({1, *range(step, full, step)} if ranks is None else {r for r in ranks if 1 <= r < full})
         with plugin_rng(seed, device):
-            stand_ins = [(stand_in(module, rank, device, param_dtype(shape)), shape) for rank in [None, *ranks]]
+            stand_ins = [(stand_in(module, rank, device, param_dtype(shape)), shape) for rank in [None, *timed]]
             times = time_interleaved(stand_ins, iters, device, timer)
-        entries[key] = {"dense_s": times[0], "ranks": dict(zip(ranks, times[1:]))}
+        entries[key] = {"dense_s": times[0], "ranks": dict(zip(timed, times[1:]))}
     return SpeedTable(entries)
 
 

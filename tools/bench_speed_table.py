@@ -9,6 +9,11 @@ much a switch that times live would move).
 
     python tools/bench_speed_table.py --out configs/gpt_shakespeare_zero2.speed_table.json \\
         [--config configs/gpt_shakespeare_zero2.yaml] [--passes 5] [--trials 3] [--processes 2] [--bar 2.0]
+
+With --ranks (a comma-separated list) only those ranks are timed and each one's speed-up over dense is printed,
+e.g. aligned against unaligned ranks (what `lowrank.switch.rank_multiple` is for):
+
+    python tools/bench_speed_table.py --out /tmp/aligned.json --ranks 39,40,41,47,48,49,55,56,57,63,64,65,79,80,81
 """
 from __future__ import annotations
 
@@ -30,9 +35,9 @@ def largest_rank_at(entry: dict, bar: float) -> Optional[int]:
     return max(fast) if fast else None
 
 
-def _measure(job: tuple[Path, list[str], int, int, int]) -> list:
+def _measure(job: tuple[Path, list[str], int, int, int, Optional[list[int]]]) -> list:
     """One process: build the model, record the shapes, measure the table `trials` times (entries only)."""
-    config, overrides, passes, trials, step = job
+    config, overrides, passes, trials, step, ranks = job
     import torch
 
     torch.set_num_threads(1)
@@ -42,7 +47,8 @@ def _measure(job: tuple[Path, list[str], int, int, int]) -> list:
     run, lowrank, task, model = task_and_model(config, overrides)
     targets = select_targets(model, lowrank.target_modules, lowrank.exclude_modules)
     shapes = input_shapes(run, task, model, list(targets))
-    return [measure_speed_table(targets, shapes, passes, torch.device("cpu"), step=step, seed=lowrank.seed).entries
+    return [measure_speed_table(targets, shapes, passes, torch.device("cpu"), step=step, seed=lowrank.seed,
+                                ranks=ranks).entries
             for _ in range(trials)]
 
 
@@ -56,12 +62,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="processes measuring at once (as ranks do)")
     parser.add_argument("--step", type=int, default=8, help="ranks measured: 1 and every STEP below full rank")
     parser.add_argument("--bar", type=float, default=2.0, help="speed-up to report the largest rank at")
+    parser.add_argument("--ranks", type=lambda text: [int(r) for r in text.split(",")], default=None,
+                        help="time only these ranks (comma-separated) and print each one's speed-up")
     args = parser.parse_args()
     if min(args.passes, args.trials, args.processes, args.step) < 1:
         raise SystemExit("bench_speed_table: --passes, --trials, --processes and --step must be >= 1")
     from dist_lowrank.speed_table import SpeedTable
 
-    job = (args.config, args.override, args.passes, args.trials, args.step)
+    job = (args.config, args.override, args.passes, args.trials, args.step, args.ranks)
     with mp.get_context("spawn").Pool(args.processes) as pool:
         single = [SpeedTable(e) for result in pool.map(_measure, [job] * args.processes) for e in result]
     config = Path(args.config).resolve()
@@ -79,6 +87,9 @@ def main() -> None:
         spread = f"{min(known)}–{max(known)}" if known else "none"
         print(f"  {key}: dense {entry['dense_s'] * 1e3:.2f} ms; largest rank {args.bar}x faster: "
               f"{largest_rank_at(entry, args.bar)} (single measurements: {spread}, {len(each) - len(known)} none)")
+        if args.ranks:
+            print("    speed-up over dense: " + " ".join(f"{r}: {entry['dense_s'] / t:.2f}x"
+                                                      for r, t in sorted(entry["ranks"].items())))
 
 
 if __name__ == "__main__":

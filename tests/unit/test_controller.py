@@ -64,3 +64,25 @@ def test_keep_dense_where_not_faster_uses_measured_times():
     assert lenient.ranks == plan.ranks and all(math.isfinite(t["speedup"]) for t in table.values())
     untimed, _ = keep_dense_where_not_faster(plan, modules, {}, iters=1, min_speedup=1e9, device=torch.device("cpu"))
     assert untimed.ranks == plan.ranks and "not timed" in untimed.reasons["big"]
+
+
+def test_rank_multiple_rounds_the_executed_ranks_up_where_they_still_save():
+    """switch.rank_multiple=8: the same run as without it, each rank rounded up to a multiple of 8 unless that
+    leaves the layer's saving cap ((m·n − 1) // (m + n): 31 for 64×64, 3 for 4×64), and the model built so."""
+    def switched(multiple: int) -> tuple[dict, nn.Module]:
+        cfg = config_from_dict({"target_modules": ["2", "4"], "monitor": {"cadence_steps": 3},
+                                "cuttlefish": {"max_switch_step": 6, "rank_rule": "raw"},
+                                "switch": {"profile_layers": False, "rank_multiple": multiple}})
+        b = backend()
+        controller = LowRankController(b, cfg)
+        controller.start()
+        plan = next(p for p in (controller.after_step(step, 1.0) for step in range(1, 8)) if p is not None)
+        return plan.ranks, b.module
+
+    planned, _ = switched(1)
+    caps = {"2": 31, "4": 3}
+    expected = {n: -(-r // 8) * 8 if -(-r // 8) * 8 <= caps[n] else r for n, r in planned.items()}
+    assert expected != planned, "control: the raw ranks here are not all multiples of 8 already"
+    aligned, model = switched(8)
+    assert aligned == expected
+    assert {n: dict(model.named_modules())[n].first.out_features for n in aligned} == expected

@@ -63,7 +63,7 @@ class SwitchConfig:
     rank_multiple: int = _help(
         "round every rank the switch plans (and the floors a rank search goes down to) up to a multiple of this, "
         "where the layer still saves parameters there: matmul kernels run faster at aligned inner sizes (tensor "
-        "cores; MKL on CPU: rank 48 1.26x faster than 47 at 256x256 here); 1 = ranks as the strategy gives them "
+        "cores; MKL on CPU: rank 48 1.27x faster than 47 at 256x256 here); 1 = ranks as the strategy gives them "
         "(>= 1)", check=ge(1), default=1)
     factor_moments: Literal["zero", "projected"] = _help(
         "optimizer state of new factors: zero = fresh (step 0, zero moments); projected = W's Adam moments "

@@ -2,8 +2,8 @@
 
 A factor's rank is an inner matmul dimension. Kernels block it (tensor-core tiles on GPUs, MKL/oneDNN's
 register blocking on CPU), and an unaligned rank pays for the next aligned one or more: on this 2-core CPU host,
-fwd+bwd of a 256×256 layer over 2048 rows is 1.83× faster than dense at rank 47 and 2.30× at rank 48, 2.01× at
-39 and 2.74× at 40 (one thread, BENCHMARKS.md §5). Rounding up keeps at least the rank the strategy asked
+fwd+bwd of a 256×256 layer over 16 × 128 rows is 1.71× faster than dense at rank 47 and 2.17× at rank 48, 1.93×
+at 39 and 2.44× at 40 (two processes at once, one thread each; tools/bench_speed_table.py --ranks, BENCHMARKS.md §5). Rounding up keeps at least the rank the strategy asked
 for, so quality is not traded; a rank whose round-up would no longer save parameters stays as planned.
 Floors (the lowest rank a speed search may go to) are rounded up the same way, never above the layer's rank.
 Layers with an allocated capacity (DLRT's adaptive ranks) are left alone: their rank moves every step.

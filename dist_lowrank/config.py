@@ -56,6 +56,11 @@ class SwitchConfig:
         "with profile_layers: a layer not min_speedup faster at the rule's rank is timed at lower ranks, down to "
         "the strategy's quality floor (Cuttlefish: ceil(srank)), and takes the largest rank that meets the speed "
         "target (a per-layer Pareto choice); false = keep such a layer dense", default=False)
+    speedup_scope: Literal["layer", "total"] = _help(
+        "layer: min_speedup is a bar for each layer (one that misses it at every rank down to its floor stays "
+        "dense); total: a target on the timed layers together (summed dense over summed factorized time), met by "
+        "lowering ranks where that saves most time per rank given up (every layer faster than dense at some rank "
+        "stays factorized; with rank_search every layer with a floor is searched)", default="layer")
     speed_table: Optional[str] = _help(
         "with profile_layers: a layer-time table measured beforehand on this device (tools/bench_speed_table.py) "
         "that the switch reads instead of timing live, so every run takes the same plan; shapes or ranks it does "

@@ -134,7 +134,8 @@ class LowRankController:
                 plan, timing = keep_dense_where_not_faster(
                     plan, self.method.targets, self.input_shapes, self.cfg.switch.profile_iters,
                     self.cfg.switch.min_speedup, default_device(), seed=self.cfg.seed,
-                    rank_search=self.cfg.switch.rank_search, timer=self.timer)
+                    rank_search=self.cfg.switch.rank_search, timer=self.timer,
+                    scope=self.cfg.switch.speedup_scope)
                 plan = self.coordinator.agree(plan)
         for name, reason in sorted(plan.reasons.items()):
             log.info("%s: %s", name, reason)

@@ -26,6 +26,7 @@ from torch import nn
 from dist_lowrank.device import comm_device, is_distributed
 from dist_lowrank.layers import LowRankConv2d, LowRankLinear, is_hf_conv1d
 from dist_lowrank.plan import Plan
+from dist_lowrank.rank_budget import allocate_total_speedup, total_speedup
 
 
 class InputShape(tuple):
@@ -209,7 +210,7 @@ def _speedup(dense_t: float, fact_t: float) -> float:
 def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]],
                                 iters: int, min_speedup: float, device: torch.device,
                                 seed: int = 0, rank_search: bool = False,
-                                timer: Timer = time_module) -> tuple[Plan, dict]:
+                                timer: Timer = time_module, scope: str = "layer") -> tuple[Plan, dict]:
     """Drop layers from the plan whose factorized form is not `min_speedup` faster; times averaged over ranks.
 
     Round 1 times every layer dense and at its planned rank. With `rank_search`, a layer that misses
@@ -223,6 +224,11 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
     min_speedup: with the search, 1.0 (the default) means "never slower than dense", and a layer
     that is slightly faster keeps its planned rank; a higher target (e.g. 1.5) trades capacity for
     speed, each layer giving up only as much rank as it needs, never below its floor.
+
+    scope "total": `min_speedup` is a target on the timed layers together (summed dense time over summed
+    factorized time) instead of a bar for each; every layer with a floor is searched, and
+    `rank_budget.allocate_total_speedup` lowers ranks where that saves most time per rank given up,
+    keeping factorized every layer that is faster than dense at some rank.
 
     Returns the filtered plan (reasons filled in for every candidate) and the timing table: per
     layer dense_s, factorized_s/speedup at the planned rank, every rank timed (`candidates`), and
@@ -253,13 +259,15 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
         speedup = _speedup(dense_t, fact_t)
         table[name] = {"dense_s": dense_t, "factorized_s": fact_t, "speedup": speedup,
                        "candidates": [{"rank": plan.ranks[name], "factorized_s": fact_t, "speedup": speedup}]}
-    failing = [n for n in timed if table[n]["speedup"] < min_speedup]
+    failing = timed if scope == "total" else [n for n in timed if table[n]["speedup"] < min_speedup]
     searched = {n: search_ranks(plan.ranks[n], min(plan.floors[n], plan.ranks[n]))
                 for n in failing if rank_search and n in plan.floors}
     jobs = [(n, r) for n in failing for r in searched.get(n, [])]
     for (name, rank), fact_t in zip(jobs, time_round(jobs) if jobs else []):
         table[name]["candidates"].append({"rank": rank, "factorized_s": fact_t,
                                           "speedup": _speedup(table[name]["dense_s"], fact_t)})
+    if scope == "total":
+        return _apply_total_allocation(plan, timed, table, searched, min_speedup)
     for name in timed:
         row, planned = table[name], plan.ranks[name]
         if row["speedup"] >= min_speedup:
@@ -290,6 +298,34 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
             reasons[name] = (f"factorized: rank {hit['rank']} (searched from {planned} down to floor {floor}): "
                              f"{hit['speedup']:.2f}x faster than dense ({planned_miss})")
     for name in names:
+        if name not in table:
+            reasons[name] = f"factorized: rank {plan.ranks[name]} (no activation shape recorded, not timed)"
+    return replace(plan, ranks=ranks, reasons=reasons), table
+
+
+def _apply_total_allocation(plan: Plan, timed: list[str], table: dict, searched: dict[str, list[int]],
+                            target: float) -> tuple[Plan, dict]:
+    """Scope "total": the ranks `allocate_total_speedup` gives the timed layers, with a reason for each."""
+    chosen = allocate_total_speedup({name: table[name] for name in timed}, target)
+    together = total_speedup(table, chosen)
+    verdict = (f"the {len(timed)} timed layers together {together:.2f}x faster than dense, target {target}"
+               + ("" if together >= target else ": not reached, every layer at its fastest timed rank"))
+    ranks, reasons = dict(plan.ranks), dict(plan.reasons)
+    for name in timed:
+        row, planned, rank = table[name], plan.ranks[name], chosen[name]
+        if rank is None:
+            del ranks[name]
+            row["chosen_rank"], row["chosen_speedup"] = None, 1.0
+            reasons[name] = f"kept dense: no rank tried ({', '.join(str(c['rank']) for c in row['candidates'])}) " \
+                            f"is faster than dense ({verdict})"
+            continue
+        speedup = next(c["speedup"] for c in row["candidates"] if c["rank"] == rank)
+        ranks[name] = rank
+        row["chosen_rank"], row["chosen_speedup"] = rank, speedup
+        where = f"rank {rank}" if rank == planned else \
+            f"rank {rank} (searched from {planned} down to floor {searched[name][-1]})"
+        reasons[name] = f"factorized: {where}, {speedup:.2f}x faster than dense on its own ({verdict})"
+    for name in plan.ranks:
         if name not in table:
             reasons[name] = f"factorized: rank {plan.ranks[name]} (no activation shape recorded, not timed)"
     return replace(plan, ranks=ranks, reasons=reasons), table

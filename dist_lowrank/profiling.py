@@ -267,7 +267,20 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
         table[name]["candidates"].append({"rank": rank, "factorized_s": fact_t,
                                           "speedup": _speedup(table[name]["dense_s"], fact_t)})
     if scope == "total":
-        return _apply_total_allocation(plan, timed, table, searched, min_speedup)
+        ranks, reasons = _apply_total_allocation(plan, timed, table, searched, min_speedup)
+    else:
+        ranks, reasons = _apply_layer_bar(plan, timed, table, searched, min_speedup, rank_search)
+    for name in names:
+        if name not in table:
+            reasons[name] = f"factorized: rank {plan.ranks[name]} (no activation shape recorded, not timed)"
+    return replace(plan, ranks=ranks, reasons=reasons), table
+
+
+def _apply_layer_bar(plan: Plan, timed: list[str], table: dict, searched: dict[str, list[int]],
+                     min_speedup: float, rank_search: bool) -> tuple[dict[str, int], dict[str, str]]:
+    """Scope "layer": each timed layer keeps its planned rank, the largest searched rank that meets
+    `min_speedup`, or goes dense; returns the ranks and reasons of the plan."""
+    ranks, reasons = dict(plan.ranks), dict(plan.reasons)
     for name in timed:
         row, planned = table[name], plan.ranks[name]
         if row["speedup"] >= min_speedup:
@@ -297,14 +310,11 @@ def keep_dense_where_not_faster(plan: Plan, modules: dict[str, nn.Module], shape
             row["chosen_rank"], row["chosen_speedup"] = hit["rank"], hit["speedup"]
             reasons[name] = (f"factorized: rank {hit['rank']} (searched from {planned} down to floor {floor}): "
                              f"{hit['speedup']:.2f}x faster than dense ({planned_miss})")
-    for name in names:
-        if name not in table:
-            reasons[name] = f"factorized: rank {plan.ranks[name]} (no activation shape recorded, not timed)"
-    return replace(plan, ranks=ranks, reasons=reasons), table
+    return ranks, reasons
 
 
 def _apply_total_allocation(plan: Plan, timed: list[str], table: dict, searched: dict[str, list[int]],
-                            target: float) -> tuple[Plan, dict]:
+                            target: float) -> tuple[dict[str, int], dict[str, str]]:
     """Scope "total": the ranks `allocate_total_speedup` gives the timed layers, with a reason for each."""
     chosen = allocate_total_speedup({name: table[name] for name in timed}, target)
     together = total_speedup(table, chosen)
@@ -325,7 +335,4 @@ def _apply_total_allocation(plan: Plan, timed: list[str], table: dict, searched:
         where = f"rank {rank}" if rank == planned else \
             f"rank {rank} (searched from {planned} down to floor {searched[name][-1]})"
         reasons[name] = f"factorized: {where}, {speedup:.2f}x faster than dense on its own ({verdict})"
-    for name in plan.ranks:
-        if name not in table:
-            reasons[name] = f"factorized: rank {plan.ranks[name]} (no activation shape recorded, not timed)"
-    return replace(plan, ranks=ranks, reasons=reasons), table
+    return ranks, reasons

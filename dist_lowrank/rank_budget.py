@@ -44,8 +44,11 @@ def allocate_total_speedup(table: dict[str, dict], target: float) -> dict[str, O
     """
     options = {name: _options(table[name]) for name in sorted(table)}
     position = {name: 0 for name, opts in options.items() if opts}
-    chosen: dict[str, Optional[int]] = {name: (opts[0]["rank"] if opts else None) for name, opts in options.items()}
-    while total_speedup(table, chosen) < target:
+
+    def chosen() -> dict[str, Optional[int]]:
+        return {name: (opts[position[name]]["rank"] if name in position else None) for name, opts in options.items()}
+
+    while total_speedup(table, chosen()) < target:
         best_name, best_gain = None, 0.0
         for name, i in position.items():
             opts = options[name]
@@ -58,5 +61,4 @@ def allocate_total_speedup(table: dict[str, dict], target: float) -> dict[str, O
         if best_name is None:
             break  # every layer at its fastest timed rank: the target is out of reach
         position[best_name] += 1
-        chosen[best_name] = options[best_name][position[best_name]]["rank"]
-    return chosen
+    return chosen()
